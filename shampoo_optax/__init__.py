@@ -1,0 +1,27 @@
+# Copyright 2026 The shampoo_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+"""Distributed Shampoo for optax."""
+
+from shampoo_optax._roots import default_root_method
+from shampoo_optax._roots import inverse_pth_root
+from shampoo_optax._roots import InverseRootResult
+from shampoo_optax._roots import root_error
+from shampoo_optax._shampoo import scale_by_shampoo
+from shampoo_optax._shampoo import shampoo
+from shampoo_optax._shampoo import ShampooDiagnostics
+from shampoo_optax._shampoo import ShampooState
+from shampoo_optax._shampoo import STATIC_OPTIONS
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "default_root_method",
+    "inverse_pth_root",
+    "InverseRootResult",
+    "root_error",
+    "scale_by_shampoo",
+    "shampoo",
+    "ShampooDiagnostics",
+    "ShampooState",
+    "STATIC_OPTIONS",
+)

@@ -1,0 +1,416 @@
+# Copyright 2026 The shampoo_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+"""Tests of `scale_by_shampoo` and `shampoo` against a NumPy Shampoo."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import shampoo_optax
+from shampoo_optax import _shampoo
+
+# The plain Shampoo of the paper: sums, no momentum, no grafting, roots of the
+# current statistics at every step.
+PAPER = dict(
+    graft="none",
+    b1=0.0,
+    b2=1.0,
+    precondition_every=1,
+    start_preconditioning_step=0,
+)
+
+
+def np_inv_root(stat, p, eps):
+  """Float64 ``(S + eps * lambda_max(S) I)^(-1/p)``; identity for S = 0."""
+  w, v = np.linalg.eigh(stat.astype(np.float64))
+  if w.max() <= 0:
+    return np.eye(len(stat))
+  w = np.maximum(w, 0) + eps * w.max()
+  return (v * w ** (-1.0 / p)) @ v.T
+
+
+def mode_product(x, matrix, axis):
+  """Multiplies axis ``axis`` of ``x`` by ``matrix``."""
+  return np.moveaxis(np.tensordot(matrix, x, axes=([1], [axis])), 0, axis)
+
+
+def unfold_gram(x, axis):
+  rest = [i for i in range(x.ndim) if i != axis]
+  return np.tensordot(x, x, axes=(rest, rest))
+
+
+class NumpyShampoo:
+  """Blocked Shampoo on one tensor in float64, written from the paper."""
+
+  def __init__(self, block_shape, b2=1.0, eps=1e-6, p=None):
+    self.block_shape, self.b2, self.eps, self.p = block_shape, b2, eps, p
+    self.stats = {}
+
+  def blocks(self, shape):
+    ranges = [
+        [(s, min(s + b, d)) for s in range(0, d, b)]
+        for d, b in zip(shape, self.block_shape)
+    ]
+    return [tuple(slice(*r) for r in combo)
+            for combo in np.ndindex(*[len(r) for r in ranges])
+            for combo in [tuple(ranges[i][c] for i, c in enumerate(combo))]]
+
+  def update(self, g, refresh=True):
+    out = np.zeros_like(g, dtype=np.float64)
+    p = self.p or 2 * g.ndim
+    for idx in self.blocks(g.shape):
+      block = g[idx].astype(np.float64)
+      key = tuple((s.start, s.stop) for s in idx)
+      stats = self.stats.setdefault(
+          key, [np.zeros((n, n)) for n in block.shape])
+      for axis in range(block.ndim):
+        gram = unfold_gram(block, axis)
+        stats[axis] = (stats[axis] + gram if self.b2 == 1.0
+                       else self.b2 * stats[axis] + (1 - self.b2) * gram)
+      d = block
+      for axis in range(block.ndim):
+        d = mode_product(d, np_inv_root(stats[axis], p, self.eps), axis)
+      out[idx] = d
+    return out
+
+
+def run(tx, grads, params=None):
+  state = tx.init(grads[0] if params is None else params)
+  update = jax.jit(tx.update)
+  outs = []
+  for g in grads:
+    u, state = update(g, state, params)
+    outs.append(u)
+  return outs, state
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def random_grads(shape, steps, seed=0, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+          for _ in range(steps)]
+
+
+def test_paper_formula_matrix():
+  """One update is L_t^(-1/4) G_t R_t^(-1/4), L_t including G_t."""
+  grads = random_grads((6, 9), steps=4)
+  ours, _ = run(shampoo_optax.scale_by_shampoo(block_size=16, **PAPER), grads)
+  ref = NumpyShampoo((16, 16))
+  for g, u in zip(grads, ours):
+    expected = ref.update(np.asarray(g))
+    assert rel_err(u, expected) < 2e-5
+  # A wrong exponent (-1/2 per side) is far outside that tolerance.
+  g = np.asarray(grads[-1], np.float64)
+  wrong = np_inv_root(ref.stats[((0, 6), (0, 9))][0], 2, 1e-6) @ g
+  wrong = wrong @ np_inv_root(ref.stats[((0, 6), (0, 9))][1], 2, 1e-6)
+  assert rel_err(ours[-1], wrong) > 0.1
+
+
+@pytest.mark.parametrize(
+    "shape,block_size",
+    [
+        ((10, 7), 4),        # blocks with remainders on both axes
+        ((12, 8), 4),        # exact blocks
+        ((3, 4, 5), 8),      # rank 3, no merge (12 > 8): p = 6
+        ((3, 4, 5), 20),     # merged to (12, 5): p = 4
+        ((2, 1, 3, 5), 64),  # unit dim dropped, merged to (6, 5)
+    ],
+)
+@pytest.mark.parametrize("b2", [1.0, 0.9])
+def test_blocked_and_merged_against_numpy(shape, block_size, b2):
+  grads = random_grads(shape, steps=3, seed=1)
+  tx = shampoo_optax.scale_by_shampoo(
+      block_size=block_size, **{**PAPER, "b2": b2})
+  ours, _ = run(tx, grads)
+  merged = _shampoo._blocks.merge_dims(shape, block_size)
+  ref = NumpyShampoo((block_size,) * len(merged), b2=b2)
+  for g, u in zip(grads, ours):
+    expected = ref.update(np.asarray(g).reshape(merged)).reshape(shape)
+    assert rel_err(u, expected) < 5e-5
+
+
+def test_exponent_override():
+  grads = random_grads((5, 6), steps=2, seed=2)
+  ours, _ = run(shampoo_optax.scale_by_shampoo(
+      block_size=8, exponent_override=2, **PAPER), grads)
+  ref = NumpyShampoo((8, 8), p=2)
+  for g, u in zip(grads, ours):
+    # R is singular at the first step; p = 2 amplifies float32 round-off in
+    # its null space by eps^(-1/2) = 1e3, hence the looser tolerance.
+    assert rel_err(u, ref.update(np.asarray(g))) < 1e-3
+
+
+def test_tree_with_vectors_and_multiple_layers():
+  """Every leaf is handled; vectors get the grafted direction alone."""
+  rng = np.random.default_rng(3)
+  shapes = {"w1": (6, 6), "b1": (6,), "w2": (6, 6)}
+  # Well-conditioned (square, diagonally dominant) gradients, so that float32
+  # round-off of the first, one-gradient statistics stays small.
+  well_conditioned = lambda s: rng.standard_normal(s) + 4 * (
+      np.eye(*s) if len(s) == 2 else 0)
+  grads = [
+      {k: jnp.asarray(well_conditioned(s), jnp.float32)
+       for k, s in shapes.items()} | {"none": None}
+      for _ in range(3)
+  ]
+  tx = shampoo_optax.scale_by_shampoo(block_size=16, **{**PAPER, "graft": "sgd"})
+  ours, state = run(tx, grads)
+  refs = {k: NumpyShampoo((16, 16)) for k in ("w1", "w2")}
+  for g, u in zip(grads, ours):
+    assert u["none"] is None
+    np.testing.assert_allclose(u["b1"], g["b1"], rtol=1e-6)
+    for k, ref in refs.items():
+      d = ref.update(np.asarray(g[k]))
+      expected = d * np.linalg.norm(g[k]) / np.linalg.norm(d)
+      assert rel_err(u[k], expected) < 5e-5
+  # Two equal-shaped layers share one stacked bucket of 2 x 2 factors.
+  assert [s.shape for s in state.stats] == [(4, 6, 6)]
+
+
+def test_graft_adam_norm_and_start_step():
+  """Before the start step the update is Adam's; after, it has Adam's norm."""
+  grads = random_grads((7, 5), steps=6, seed=4)
+  tx = shampoo_optax.scale_by_shampoo(
+      block_size=8, b1=0.0, b2=0.99, graft="adam", graft_eps=1e-8,
+      start_preconditioning_step=3, precondition_every=1)
+  ours, _ = run(tx, grads)
+  adam, _ = run(optax.scale_by_adam(b1=0.0, b2=0.99, eps=1e-8), grads)
+  ref = NumpyShampoo((8, 8), b2=0.99)
+  for t, (g, u, a) in enumerate(zip(grads, ours, adam)):
+    d = ref.update(np.asarray(g))
+    if t < 3:
+      np.testing.assert_allclose(u, a, rtol=1e-5, atol=1e-7)
+    else:
+      expected = d * np.linalg.norm(a) / np.linalg.norm(d)
+      assert rel_err(u, expected) < 5e-5
+
+
+@pytest.mark.parametrize("graft", ["adagrad", "rmsprop", "sgd_normalized",
+                                   "rmsprop_normalized"])
+def test_graft_directions(graft):
+  """Diagonal leaves follow the grafted optimizer exactly (NumPy reference)."""
+  grads = random_grads((11,), steps=4, seed=5)
+  ours, _ = run(shampoo_optax.scale_by_shampoo(
+      b1=0.0, b2=0.9, graft=graft, graft_eps=1e-3), grads)
+  v = np.zeros(11)
+  for g, u in zip(grads, ours):
+    g = np.asarray(g, np.float64)
+    if graft.endswith("normalized"):
+      g = g / np.linalg.norm(g)
+    if graft.startswith("adagrad"):
+      v += g * g
+    elif graft.startswith("rmsprop"):
+      v = 0.9 * v + 0.1 * g * g
+    expected = g if graft.startswith("sgd") else g / (np.sqrt(v) + 1e-3)
+    np.testing.assert_allclose(u, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_ema_momentum_is_bias_corrected(nesterov):
+  grads = random_grads((9,), steps=5, seed=6)
+  ours, _ = run(shampoo_optax.scale_by_shampoo(
+      b1=0.8, graft="sgd", nesterov=nesterov), grads)
+  m = np.zeros(9)
+  for t, (g, u) in enumerate(zip(grads, ours), start=1):
+    g = np.asarray(g, np.float64)
+    m = 0.8 * m + 0.2 * g
+    if nesterov:
+      expected = (0.8 * m + 0.2 * g) / (1 - 0.8 ** (t + 1))
+    else:
+      expected = m / (1 - 0.8**t)
+    np.testing.assert_allclose(u, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_heavy_ball_matches_optax_trace(nesterov):
+  grads = random_grads((4, 3), steps=5, seed=7)
+  ours, _ = run(shampoo_optax.scale_by_shampoo(
+      b1=0.7, graft="sgd", heavy_ball=True, nesterov=nesterov,
+      start_preconditioning_step=100), grads)
+  trace, _ = run(optax.trace(decay=0.7, nesterov=nesterov), grads)
+  for u, r in zip(ours, trace):
+    np.testing.assert_allclose(u, r, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_and_schedule_in_alias():
+  """update = -lr_t * (direction + wd * w), with lr_t from the schedule."""
+  rng = np.random.default_rng(8)
+  params = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal((4,)), jnp.float32)}
+  grads = [jax.tree.map(lambda p, i=i: p * (0.5 + i), params) for i in range(4)]
+  schedule = optax.linear_schedule(1e-2, 1e-3, 4)
+  mask = {"w": True, "b": False}
+  kwargs = dict(block_size=8, precondition_every=2)
+  alias, _ = run(shampoo_optax.shampoo(
+      schedule, weight_decay=0.1, mask=mask, **kwargs), grads, params)
+  direction, _ = run(shampoo_optax.scale_by_shampoo(**kwargs), grads, params)
+  for t, (a, d) in enumerate(zip(alias, direction)):
+    lr = schedule(t)
+    np.testing.assert_allclose(
+        a["w"], -lr * (d["w"] + 0.1 * params["w"]), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(a["b"], -lr * d["b"], rtol=1e-5, atol=1e-8)
+
+
+def test_precondition_every_uses_roots_of_refresh_step():
+  grads = random_grads((5, 4), steps=7, seed=9)
+  # The first roots come from rank-1 statistics; a larger ridge keeps their
+  # null-space part above float32 round-off.
+  ours, state = run(shampoo_optax.scale_by_shampoo(
+      block_size=8, matrix_eps=1e-3, **{**PAPER, "precondition_every": 3}),
+      grads)
+  stats = [np.zeros((5, 5)), np.zeros((4, 4))]
+  roots = None
+  for t, (g, u) in enumerate(zip(grads, ours)):
+    g = np.asarray(g, np.float64)
+    stats = [stats[0] + g @ g.T, stats[1] + g.T @ g]
+    if t % 3 == 0:
+      roots = [np_inv_root(s, 4, 1e-3) for s in stats]
+    assert rel_err(u, roots[0] @ g @ roots[1]) < 5e-5
+  assert int(state.diagnostics.last_refresh_step) == 6
+
+
+def test_statistics_every():
+  grads = random_grads((4, 4), steps=4, seed=10)
+  _, state = run(shampoo_optax.scale_by_shampoo(
+      block_size=8, statistics_every=2, **PAPER), grads)
+  expected = sum(np.asarray(g) @ np.asarray(g).T for g in grads[::2])
+  np.testing.assert_allclose(state.stats[0][0], expected, rtol=1e-5)
+
+
+def test_failed_root_keeps_previous_root():
+  grads = random_grads((4, 3), steps=3, seed=11)
+  tx = shampoo_optax.scale_by_shampoo(
+      block_size=8, skip_nonfinite=False, **PAPER)
+  _, state = run(tx, grads)
+  # Statistics overflow to inf: the new roots fail and the old ones stay.
+  _, bad_state = jax.jit(tx.update)(grads[0] * 1e30, state)
+  for old, new in zip(state.preconditioners, bad_state.preconditioners):
+    np.testing.assert_array_equal(old, new)
+  assert int(bad_state.diagnostics.root_failures) == 2
+
+
+def test_rejected_first_root_is_identity():
+  grads = random_grads((4, 3), steps=2, seed=12)
+  ours, state = run(shampoo_optax.scale_by_shampoo(
+      block_size=8, max_root_error=0.0, **PAPER), grads)
+  # Every root is rejected: identity preconditioners, the raw gradient.
+  for g, u in zip(grads, ours):
+    np.testing.assert_allclose(u, g, rtol=1e-6)
+  assert int(state.diagnostics.root_failures) == 4
+  assert float(state.diagnostics.max_root_error) > 0
+
+
+def test_nonfinite_gradient_skips_step():
+  grads = random_grads((5, 4), steps=3, seed=13)
+  tx = shampoo_optax.scale_by_shampoo(block_size=8)
+  update = jax.jit(tx.update)
+  state = tx.init(grads[0])
+  _, state = update(grads[0], state)
+  for bad in (jnp.nan, jnp.inf):
+    u, new_state = update(grads[1].at[0, 0].set(bad), state)
+    np.testing.assert_array_equal(u, jnp.zeros_like(u))
+    assert int(new_state.diagnostics.nonfinite_steps) == 1
+    assert int(new_state.count) == int(state.count)
+    chex_equal = jax.tree.map(
+        lambda a, b: np.array_equal(a, b), new_state.stats, state.stats)
+    assert all(jax.tree.leaves(chex_equal))
+  u, state = update(grads[2], new_state)
+  assert np.all(np.isfinite(u))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_params(dtype):
+  grads32 = random_grads((6, 5), steps=3, seed=14)
+  grads = [g.astype(dtype) for g in grads32]
+  ours, state = run(shampoo_optax.scale_by_shampoo(block_size=8), grads)
+  ref, _ = run(shampoo_optax.scale_by_shampoo(block_size=8),
+               [g.astype(jnp.float32) for g in grads])
+  for u, r in zip(ours, ref):
+    assert u.dtype == dtype
+    np.testing.assert_allclose(u.astype(jnp.float32), r, rtol=2e-2, atol=1e-2)
+  assert all(s.dtype == jnp.float32 for s in state.stats)
+  assert jax.tree.leaves(state.mu)[0].dtype == dtype
+
+
+def test_state_types_stable_and_jittable():
+  params = {"w": jnp.ones((5, 300)), "k": jnp.ones((3, 3, 4, 8)),
+            "b": jnp.ones((8,))}
+  tx = shampoo_optax.shampoo(1e-3, block_size=64)
+  state = jax.jit(tx.init)(params)
+  grads = jax.tree.map(lambda p: p * 0.1, params)
+  _, new_state = jax.jit(tx.update)(grads, state, params)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), new_state)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(block_size=0), "block_size"),
+        (dict(block_size=2.5), "block_size"),
+        (dict(b1=1.5), "b1"),
+        (dict(b2=-0.1), "b2"),
+        (dict(matrix_eps=-1e-6), "matrix_eps"),
+        (dict(graft_eps=-1.0), "graft_eps"),
+        (dict(graft="lion"), "graft"),
+        (dict(root_method="svd"), "root_method"),
+        (dict(precondition_every=0), "precondition_every"),
+        (dict(statistics_every=0), "statistics_every"),
+        (dict(start_preconditioning_step=-1), "start_preconditioning_step"),
+        (dict(exponent_override=0), "exponent_override"),
+        (dict(nesterov="yes"), "nesterov"),
+        (dict(max_root_error=-1.0), "max_root_error"),
+    ],
+)
+def test_invalid_options_name_the_argument(kwargs, message):
+  with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+    shampoo_optax.shampoo(1e-3, **kwargs)
+
+
+def test_invalid_weight_decay():
+  with pytest.raises(ValueError, match="weight_decay"):
+    shampoo_optax.shampoo(1e-3, weight_decay=-0.1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64])
+def test_non_float_params_rejected(dtype):
+  tx = shampoo_optax.scale_by_shampoo()
+  with pytest.raises(TypeError, match=r"\['w'\].*floating-point"):
+    tx.init({"w": jnp.zeros((3, 3), dtype)})
+
+
+def test_mismatched_update_tree():
+  tx = shampoo_optax.scale_by_shampoo()
+  state = tx.init({"w": jnp.zeros((4, 3))})
+  with pytest.raises(ValueError, match="do not match the tree given to init"):
+    tx.update({"w": jnp.zeros((3, 4))}, state)
+  with pytest.raises(ValueError, match="do not match the tree given to init"):
+    tx.update({"v": jnp.zeros((4, 3))}, state)
+
+
+def count_ops(hlo: str, names) -> int:
+  return sum(len(re.findall(name, hlo)) for name in names)
+
+
+def test_compiled_ops_do_not_grow_with_layers():
+  """Equal-shaped layers share one batched root computation."""
+  tx = shampoo_optax.scale_by_shampoo(block_size=32, precondition_every=1)
+
+  def lowered_ops(layers):
+    params = {f"layer{i}": jnp.ones((32, 32)) for i in range(layers)}
+    state = tx.init(params)
+    text = jax.jit(tx.update).lower(params, state).as_text()
+    return {name: count_ops(text, [name])
+            for name in ("eigh|syevd|Eigh", r"stablehlo\.while", "dot_general")}
+
+  few, many = lowered_ops(4), lowered_ops(32)
+  assert few == many
+  assert few["dot_general"] > 0

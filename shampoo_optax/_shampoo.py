@@ -131,6 +131,8 @@ def _check_range(name: str, value, low: float, high: float | None = None):
   """Checks a float option when it is a concrete number (not traced)."""
   if _is_traced(value):
     return
+  if isinstance(value, (str, bytes)):
+    raise TypeError(f"{name} must be a float, got {value!r}.")
   try:
     number = float(value)
   except (TypeError, ValueError):
@@ -177,6 +179,13 @@ def _apply_factor(block: jax.Array, root: jax.Array, axis: int) -> jax.Array:
   return jnp.einsum(
       f"zy{letters[axis]},z{letters}->z{out}", root, block, precision=_HIGHEST
   )
+
+
+def _inverse_root_rows(stat, ridge_epsilon, *, p, method):
+  result = _roots.inverse_pth_root(
+      stat, p, method=method, ridge_epsilon=ridge_epsilon
+  )
+  return tuple(result)
 
 
 def _global_norm_ratio(numerator: jax.Array, denominator: jax.Array):
@@ -250,8 +259,10 @@ def scale_by_shampoo(
     max_root_error: a new root whose error
       :math:`\max|X^p \hat S - I|` exceeds this (or is not finite) is
       rejected and the previous root kept.
-    skip_nonfinite: when any gradient is NaN/Inf, return a zero update and
-      leave the state unchanged (counted in ``diagnostics.nonfinite_steps``).
+    skip_nonfinite: when any gradient is NaN/Inf, or a leaf's sum of squares
+      overflows float32 (``|g|_F > ~1.8e19``, which would make the statistics
+      infinite), return a zero update and leave the state unchanged (counted
+      in ``diagnostics.nonfinite_steps``).
     shard_axes: mesh axis name(s) over which the stacked statistics and roots
       are split; ``None`` keeps them whole on every device.
     mu_dtype: dtype of the momentum; ``None`` uses the parameters' dtype.
@@ -288,7 +299,11 @@ def scale_by_shampoo(
       isinstance(b1, (int, float)) and float(b1) == 0.0
   )
   if mu_dtype is not None:
-    mu_dtype = jnp.dtype(mu_dtype)
+    try:
+      mu_dtype = jnp.dtype(mu_dtype)
+    except TypeError:
+      raise TypeError(
+          f"mu_dtype must be a dtype or None, got {mu_dtype!r}.") from None
 
   def make_plan(leaves) -> _blocks.Plan:
     return _blocks.make_plan(
@@ -312,7 +327,8 @@ def scale_by_shampoo(
         jnp.broadcast_to(jnp.eye(shape[-1], dtype=jnp.float32), shape)
         for shape in plan.bucket_shapes
     )
-    f32_zeros = lambda p: jnp.zeros(p.shape, jnp.float32)
+    # zeros_like keeps each parameter's sharding (explicit mode).
+    f32_zeros = lambda p: jnp.zeros_like(p, dtype=jnp.float32)
     return ShampooState(
         count=jnp.zeros([], jnp.int32),
         stats=stats,
@@ -320,8 +336,8 @@ def scale_by_shampoo(
         graft=jax.tree.map(f32_zeros, params)
         if _grafting.has_accumulator(graft)
         else None,
-        mu=jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype),
-                        params)
+        mu=jax.tree.map(
+            lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype), params)
         if use_momentum
         else None,
         diagnostics=ShampooDiagnostics(
@@ -348,23 +364,45 @@ def scale_by_shampoo(
       new_stats.append(_grafting.ema(old, jnp.concatenate(parts), b2))
     return constrain(new_stats)
 
-  def refresh(plan, stats, preconditioners, diagnostics, count):
+  def candidate_roots(plan, stats):
+    results = []
+    for (_, p), stat in zip(plan.buckets, stats):
+      # Each device inverts only its own rows of the stack.
+      results.append(_roots.InverseRootResult(*_sharding.map_stacks(
+          functools.partial(_inverse_root_rows, p=p, method=root_method),
+          shard_axes, num_replicated=1,
+      )(stat, jnp.asarray(matrix_eps, jnp.float32))))
+    return results
+
+  def refresh(plan, is_refresh, stats, preconditioners, diagnostics, count):
+    """New roots where ``is_refresh`` and the root is acceptable."""
+    # The cond yields zeros when not refreshing and the selection happens
+    # outside: a cond branch that passes a large operand through is a slow
+    # copy on CPU, an elementwise select is not.
+    candidates = jax.lax.cond(
+        is_refresh,
+        functools.partial(candidate_roots, plan),
+        lambda s: [_roots.InverseRootResult(jnp.zeros_like(x),
+                                            jnp.zeros(x.shape[:1]))
+                   for x in s],
+        stats,
+    )
     roots, failures, max_error = [], 0, jnp.zeros([], jnp.float32)
-    for ((_, p), stat), old in zip(zip(plan.buckets, stats), preconditioners):
-      result = _roots.inverse_pth_root(
-          stat, p, method=root_method, ridge_epsilon=matrix_eps
-      )
+    for result, old in zip(candidates, preconditioners):
       ok = jnp.isfinite(result.error) & (result.error <= max_root_error)
-      roots.append(jnp.where(ok[:, None, None], result.root, old))
-      failures += jnp.sum(~ok, dtype=jnp.int32)
+      roots.append(jnp.where((is_refresh & ok)[:, None, None], result.root,
+                             old))
+      failures += jnp.sum(is_refresh & ~ok, dtype=jnp.int32)
       max_error = jnp.maximum(
           max_error, jnp.max(jnp.where(jnp.isnan(result.error), jnp.inf,
                                        result.error))
       )
     return constrain(roots), diagnostics._replace(
         root_failures=diagnostics.root_failures + failures,
-        max_root_error=max_error,
-        last_refresh_step=count,
+        max_root_error=jnp.where(is_refresh, max_error,
+                                 diagnostics.max_root_error),
+        last_refresh_step=jnp.where(is_refresh, count,
+                                    diagnostics.last_refresh_step),
     )
 
   def precondition(plan, blocks, preconditioners):
@@ -377,54 +415,59 @@ def scale_by_shampoo(
       out[group] = block
     return out
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_core(updates, state, leaf_specs):
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
     _check_leaves(leaves_with_paths, "update")
     leaves = [leaf for _, leaf in leaves_with_paths]
     plan = make_plan(leaves)
+    # Per-leaf state (if any) records the tree given to init.
+    per_leaf = state.graft if state.graft is not None else state.mu
     if tuple(s.shape for s in state.stats) != plan.bucket_shapes or (
-        state.graft is not None
-        and jax.tree.structure(state.graft) != treedef
+        per_leaf is not None
+        and (jax.tree.structure(per_leaf) != treedef
+             or [tuple(x.shape) for x in jax.tree.leaves(per_leaf)]
+             != [tuple(x.shape) for x in leaves])
     ):
       raise ValueError(
           "scale_by_shampoo: the updates do not match the tree given to"
           " init (different structure or leaf shapes): got leaf shapes"
-          f" {[tuple(x.shape) for x in leaves]}, state statistics"
-          f" {[tuple(s.shape) for s in state.stats]}."
+          f" {[(jax.tree_util.keystr(k), tuple(x.shape)) for k, x in leaves_with_paths]}"
+          + ("" if per_leaf is None else ", init leaf shapes"
+             f" {[(jax.tree_util.keystr(k), tuple(x.shape)) for k, x in jax.tree_util.tree_leaves_with_path(per_leaf)]}")
+          + f", state statistics {[tuple(s.shape) for s in state.stats]}."
       )
     grads = [g.astype(jnp.float32) for g in leaves]
     count = state.count
     step = optax.safe_increment(count)
     if skip_nonfinite:
+      # A finite sum of squares bounds every entry of G G^T and of g^2, so
+      # the statistics and accumulators cannot overflow to inf either.
       finite = jnp.all(jnp.stack(
-          [jnp.all(jnp.isfinite(g)) for g in grads] or [jnp.array(True)]))
+          [jnp.isfinite(jnp.sum(jnp.square(g))) for g in grads]
+          or [jnp.array(True)]))
       grads = [jnp.where(finite, g, 0.0) for g in grads]
     else:
       finite = jnp.array(True)
 
     blocks = plan.stack(grads) if plan.groups else {}
-    stats = jax.lax.cond(
-        finite & (count % statistics_every == 0),
+    update_stats_now = finite & (count % statistics_every == 0)
+    new_stats = jax.lax.cond(
+        update_stats_now,
         functools.partial(update_stats, plan, blocks),
-        lambda s: s,
+        lambda s: tuple(jnp.zeros_like(x) for x in s),
         state.stats,
     )
+    stats = constrain(jnp.where(update_stats_now, new, old)
+                      for new, old in zip(new_stats, state.stats))
     use_shampoo = count >= start_preconditioning_step
     is_refresh = (
         finite
         & use_shampoo
         & ((count - start_preconditioning_step) % precondition_every == 0)
     )
-    preconditioners, diagnostics = jax.lax.cond(
-        is_refresh,
-        functools.partial(refresh, plan),
-        lambda _, p, d, __: (p, d),
-        stats,
-        state.preconditioners,
-        state.diagnostics,
-        count,
-    )
+    preconditioners, diagnostics = refresh(
+        plan, is_refresh, stats, state.preconditioners, state.diagnostics,
+        count)
     shampoo_blocks = jax.lax.cond(
         use_shampoo,
         functools.partial(precondition, plan),
@@ -491,18 +534,29 @@ def scale_by_shampoo(
     )
     new_updates = [d.astype(g.dtype) for d, g in zip(directions, leaves)]
     if skip_nonfinite:
-      new_state = jax.tree.map(
-          lambda new, old: jnp.where(finite, new, old), new_state, state
-      )
+      # The statistics and roots are already guarded by their conds.
+      keep_old = lambda new, old: jnp.where(finite, new, old)
       new_state = new_state._replace(
+          count=keep_old(step, count),
+          graft=jax.tree.map(keep_old, new_state.graft, state.graft),
+          mu=jax.tree.map(keep_old, new_state.mu, state.mu),
           diagnostics=new_state.diagnostics._replace(
               nonfinite_steps=state.diagnostics.nonfinite_steps
               + (~finite).astype(jnp.int32)
-          )
+          ),
       )
       new_updates = [jnp.where(finite, u, jnp.zeros_like(u))
                      for u in new_updates]
     return jax.tree.unflatten(treedef, new_updates), new_state
+
+  def update_fn(updates, state, params=None):
+    del params
+    if not isinstance(state, ShampooState):
+      raise TypeError(
+          "scale_by_shampoo: expected the ShampooState made by this"
+          f" transformation's init, got {type(state).__name__}."
+      )
+    return _sharding.in_auto_mode(update_core)(updates, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -556,7 +610,7 @@ def shampoo(
     An ``optax.GradientTransformation``.
   """
   _check_range("weight_decay", weight_decay, 0.0)
-  return optax.chain(
+  tx = optax.chain(
       scale_by_shampoo(
           block_size=block_size,
           b1=b1,
@@ -581,3 +635,20 @@ def shampoo(
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+  if not skip_nonfinite:
+    return tx
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, new_state = tx.update(updates, state, params, **extra_args)
+    # A step scale_by_shampoo skipped is a no-op for the whole chain: no
+    # weight decay, and the learning-rate schedule does not advance.
+    skipped = (new_state[0].diagnostics.nonfinite_steps
+               != state[0].diagnostics.nonfinite_steps)
+    new_state = (new_state[0],) + tuple(jax.tree.map(
+        lambda new, old: jnp.where(skipped, old, new), new_state[1:],
+        state[1:]))
+    new_updates = jax.tree.map(
+        lambda u: jnp.where(skipped, jnp.zeros_like(u), u), new_updates)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)

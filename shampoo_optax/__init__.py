@@ -11,6 +11,7 @@ from shampoo_optax._shampoo import shampoo
 from shampoo_optax._shampoo import ShampooDiagnostics
 from shampoo_optax._shampoo import ShampooState
 from shampoo_optax._shampoo import STATIC_OPTIONS
+from shampoo_optax._sharding import state_shardings
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = (
     "ShampooDiagnostics",
     "ShampooState",
     "STATIC_OPTIONS",
+    "state_shardings",
 )

@@ -201,7 +201,7 @@ def scale_by_shampoo(
     graft: str = "adam",
     graft_eps: float = 1e-8,
     graft_b2: float | None = None,
-    precondition_every: int = 10,
+    precondition_every: int = 20,
     statistics_every: int = 1,
     start_preconditioning_step: int = 1,
     root_method: str = "auto",
@@ -349,6 +349,11 @@ def scale_by_shampoo(
     )
 
   def update_stats(plan, blocks, stats):
+    if shard_axes is not None:  # Each device computes only its own rows.
+      return constrain(
+          _grafting.ema(old, new, b2) for old, new in zip(
+              stats, _sharding.owned_contributions(
+                  plan, blocks, _stats_contribution, shard_axes)))
     contributions = {key: [] for key in plan.buckets}
     for group, factors in plan.factors.items():
       for factor in factors:
@@ -366,11 +371,13 @@ def scale_by_shampoo(
 
   def candidate_roots(plan, stats):
     results = []
+    uses_eigh = (root_method if root_method != "auto"
+                 else _roots.default_root_method()) == "eigh"
     for (_, p), stat in zip(plan.buckets, stats):
       # Each device inverts only its own rows of the stack.
       results.append(_roots.InverseRootResult(*_sharding.map_stacks(
           functools.partial(_inverse_root_rows, p=p, method=root_method),
-          shard_axes, num_replicated=1,
+          shard_axes, num_replicated=1, calls_lapack=uses_eigh,
       )(stat, jnp.asarray(matrix_eps, jnp.float32))))
     return results
 
@@ -406,6 +413,9 @@ def scale_by_shampoo(
     )
 
   def precondition(plan, blocks, preconditioners):
+    if shard_axes is not None:  # Each device preconditions its own blocks.
+      return _sharding.owned_precondition(
+          plan, blocks, preconditioners, _apply_factor, shard_axes)
     index = dict(zip(plan.buckets, preconditioners))
     out = {}
     for group, block in blocks.items():
@@ -415,7 +425,7 @@ def scale_by_shampoo(
       out[group] = block
     return out
 
-  def update_core(updates, state, leaf_specs):
+  def update_core(updates, state):
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
     _check_leaves(leaves_with_paths, "update")
     leaves = [leaf for _, leaf in leaves_with_paths]
@@ -570,7 +580,7 @@ def shampoo(
     graft: str = "adam",
     graft_eps: float = 1e-8,
     graft_b2: float | None = None,
-    precondition_every: int = 10,
+    precondition_every: int = 20,
     statistics_every: int = 1,
     start_preconditioning_step: int = 1,
     root_method: str = "auto",

@@ -15,25 +15,37 @@ arithmetic runs inside `jax.sharding.auto_axes` with the caller's types as
 output shardings, so every state leaf keeps its type across ``update``; with
 ``Auto`` axes (the "pjit way": `jax.jit` with ``in_shardings`` /
 ``out_shardings``) they are pinned with `jax.lax.with_sharding_constraint`.
-Either way the batched inverse roots run inside `jax.shard_map` over the
-shard axes, so each device's LAPACK/Newton call sees only its own
-``[N / D, d, d]`` slice (the SPMD partitioner is free to replicate a custom
-call such as ``eigh``; ``shard_map`` takes that choice away from it).
 
-Communication (read from the compiled step on 8 simulated CPU devices,
-``benchmarks/sharding_bench.py``; see the README section "Sharding"):
+Owner computes: row ``r`` of a bucket lives on device ``r // (N / D)``.
 
-* refresh: none for the roots themselves (every device inverts its slice);
-  the diagnostics are two scalar all-reduces (failure count, max error).
-* every step, data-parallel (replicated) parameters: the statistics update
-  reads replicated gradient blocks and writes only local rows (no collective);
-  the factor slices a block needs are moved to the block's owner by
-  collective-permutes of at most ``N / D`` roots per device; each device
-  preconditions its own blocks and the results are all-gathered into the
-  (replicated) update: one all-gather of preconditioned blocks per parameter.
-  The statistics themselves are never all-gathered.
-* FSDP parameters: the all-gather is replaced by the all-to-all that moves
-  blocks between the parameter's layout and the block owners.
+* statistics (`owned_contributions`, under `jax.shard_map`): each device adds
+  ``G G^T`` for its own rows only, from replicated gradient blocks;
+* roots (`map_stacks`, under `jax.shard_map`): each device inverts only its
+  ``[N / D, d, d]`` slice (the SPMD partitioner would be free to replicate a
+  custom call such as LAPACK's ``eigh``; ``shard_map`` takes that choice
+  away from it);
+* preconditioning (`owned_precondition`, sharding constraints): the blocks
+  of each shape are split in ``D`` chunks, each factor's roots are moved to
+  the chunk owners, each device preconditions its chunk, and the results
+  are all-gathered into the update.
+
+Communication, read from the compiled step (8 simulated CPU devices,
+``tests/test_sharding.py`` and ``benchmarks/sharding_bench.py``; data
+parallel, 16 layers of 512 x 512, block 128, one bucket ``[512, 128, 128]``):
+
+* every step: collective-permutes of roots to the owners of their blocks
+  (``f32[64,128,128]`` + 3 x ``f32[32,128,128]``, 10 MiB per device), one
+  all-gather of the preconditioned blocks (``f32[256,128,128]``, the update
+  itself); a group with fewer blocks than devices is broadcast from its one
+  owner with an all-reduce of that block instead;
+* refresh steps: nothing more than two scalar all-reduces (failure count,
+  max root error);
+* FSDP parameters add the all-gather of the gradients into replicated
+  blocks (an all-to-all plus all-gather) and the scalar all-reduces of the
+  grafting norms.
+
+The statistics are never all-gathered, and no device ever holds a whole
+``[N, d, d]`` stack (checked on the compiled HLO by the tests).
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ import math
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
@@ -108,15 +121,12 @@ def stack_spec(shard_axes: ShardAxes) -> PartitionSpec:
   return PartitionSpec(names[0] if len(names) == 1 else names)
 
 
-def _explicit(mesh, names) -> bool:
-  return any(mesh._name_to_type[a] == AxisType.Explicit for a in names)  # pylint: disable=protected-access
-
-
 def is_explicit(shard_axes: ShardAxes) -> bool:
   """Whether a shard axis is an ``Explicit`` axis of the current mesh."""
   if shard_axes is None:
     return False
-  return _explicit(context_mesh(shard_axes), axis_names(shard_axes))
+  explicit = context_mesh(shard_axes).explicit_axes
+  return any(a in explicit for a in axis_names(shard_axes))
 
 
 def constrain(x: jax.Array, shard_axes: ShardAxes) -> jax.Array:
@@ -129,30 +139,208 @@ def constrain(x: jax.Array, shard_axes: ShardAxes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
-def map_stacks(fn: Callable[..., Any], shard_axes: ShardAxes, num_replicated=0):
+def _replicate(x: jax.Array) -> jax.Array:
+  return jax.lax.with_sharding_constraint(x, PartitionSpec())
+
+
+def _device_index(shard_axes: ShardAxes) -> jax.Array:
+  """Inside `jax.shard_map`: this device's index along the stacked axis."""
+  return jax.lax.axis_index(axis_names(shard_axes))
+
+
+def owned_contributions(plan, blocks, contribution, shard_axes):
+  """Each bucket's statistics increments, each row computed by its owner.
+
+  Row ``r`` of a bucket of length ``N`` lives on device ``r // (N / D)``.
+  The gradient blocks are replicated (an all-gather only when the gradients
+  are sharded, e.g. FSDP); every device computes ``contribution(block,
+  axis)`` for a window of ``min(n, N / D)`` blocks of each factor of the
+  bucket that covers its rows, and keeps the rows it owns. No communication;
+  the work per device is at most (factors per bucket) / D of the total.
+
+  Args:
+    plan: the `_blocks.Plan`.
+    blocks: group -> ``[n, *group]`` gradient blocks.
+    contribution: ``(blocks [w, *group], axis) -> [w, d, d]``.
+    shard_axes: the mesh axes of the stacked axis.
+
+  Returns:
+    One ``[N, d, d]`` array per bucket, split along ``N`` over
+    ``shard_axes``; padding rows are zero.
+  """
+  count = shard_count(shard_axes)
+  spec = stack_spec(shard_axes)
+  groups = tuple(blocks)
+  buckets = tuple(plan.buckets.items())
+
+  def body(*local_blocks):
+    index = _device_index(shard_axes)
+    group_blocks = dict(zip(groups, local_blocks))
+    out = []
+    for key, length in buckets:
+      rows = length // count
+      dim = key[0]
+      acc = jnp.zeros((rows, dim, dim), jnp.float32)
+      for group in groups:
+        for factor in plan.factors[group]:
+          if factor.bucket != key:
+            continue
+          n = plan.groups[group]
+          width = min(n, rows)
+          start = jnp.clip(index * rows - factor.offset, 0, n - width)
+          window = jax.lax.dynamic_slice_in_dim(
+              group_blocks[group], start, width)
+          local = factor.offset + start - index * rows + jnp.arange(width)
+          local = jnp.where((local >= 0) & (local < rows), local, rows)
+          acc = acc.at[local].add(
+              contribution(window, factor.axis), mode="drop")
+      out.append(acc)
+    return tuple(out)
+
+  if not buckets:
+    return ()
+  return jax.shard_map(
+      body,
+      mesh=context_mesh(shard_axes),
+      in_specs=(PartitionSpec(),) * len(groups),
+      out_specs=(spec,) * len(buckets),
+      axis_names=frozenset(axis_names(shard_axes)),
+  )(*(_replicate(blocks[g]) for g in groups))
+
+
+def owned_precondition(plan, blocks, roots, apply_factor, shard_axes):
+  """Preconditioned blocks, each computed by one device (owner computes).
+
+  The ``n`` blocks of a group are split in ``D`` contiguous chunks along the
+  shard axes. Each factor's roots, rows ``[offset, offset + n)`` of their
+  bucket, are resharded the same way: the partitioner moves them from the
+  bucket's owners to the chunk owners with collective-permutes (at most
+  ``ceil(n / D)`` roots per device and factor). Every device then applies
+  all factors to its own chunk, and the results are all-gathered (for a
+  group with fewer blocks than devices, an all-reduce of the one owner's
+  result): the one collective that carries the update.
+
+  Args:
+    plan: the `_blocks.Plan`.
+    blocks: group -> ``[n, *group]`` gradient blocks.
+    roots: one ``[N, d, d]`` stack per bucket, split over ``shard_axes``.
+    apply_factor: ``(blocks, roots, axis) -> blocks``, batched over blocks.
+    shard_axes: the mesh axes of the stacked axis.
+
+  Returns:
+    group -> ``[n, *group]`` preconditioned blocks, replicated.
+  """
+  by_bucket = dict(zip(plan.buckets, roots))
+  out = {}
+  for group, block in blocks.items():
+    n = block.shape[0]
+    block = constrain(_replicate(block), shard_axes)
+    for factor in plan.factors[group]:
+      root = by_bucket[factor.bucket][factor.offset : factor.offset + n]
+      block = constrain(
+          apply_factor(block, constrain(root, shard_axes), factor.axis),
+          shard_axes)
+    out[group] = _replicate(block)
+  return out
+
+
+def map_stacks(fn: Callable[..., Any], shard_axes: ShardAxes, num_replicated=0,
+               calls_lapack=False):
   """``fn`` applied to each device's slice of ``[N, ...]`` stacks.
 
   ``fn(*stacks, *replicated)`` takes and returns arrays whose leading axis
   is the stacked one, and must be row-wise (row ``i`` of an output depends
   only on row ``i`` of the inputs); its last ``num_replicated`` arguments are
-  passed whole to every device. Without ``shard_axes`` it is ``fn`` itself.
+  passed whole to every device. With ``shard_axes`` it runs under
+  `jax.shard_map`, so each device computes only its ``N / D`` rows. Without
+  a multi-device mesh it is ``fn`` itself. ``calls_lapack``: ``fn`` calls a
+  CPU LAPACK kernel (``eigh``); see `_one_row_at_a_time`.
   """
-  if shard_axes is None:
-    return fn
-  spec = stack_spec(shard_axes)
 
   def mapped(*args):
+    mesh = (context_mesh(shard_axes) if shard_axes is not None
+            else jax.sharding.get_abstract_mesh())
+    body = fn
+    if calls_lapack and _cpu_multi_device(mesh):
+      body = _one_row_at_a_time(fn, num_replicated)
+    if shard_axes is None:
+      return body(*args)
+    spec = stack_spec(shard_axes)
     num_stacked = len(args) - num_replicated
     in_specs = (spec,) * num_stacked + (PartitionSpec(),) * num_replicated
     return jax.shard_map(
-        fn,
-        mesh=context_mesh(shard_axes),
+        body,
+        mesh=mesh,
         in_specs=in_specs,
         out_specs=spec,
         axis_names=frozenset(axis_names(shard_axes)),
+        # fn's loops start from unsharded constants (e.g. Newton's carry);
+        # every row is independent, so nothing varies across devices
+        # unexpectedly.
+        check_vma=False,
     )(*args)
 
   return mapped
+
+
+# Several CPU devices in one process (--xla_force_host_platform_device_count)
+# run their programs concurrently on one thread pool. Two parts of the CPU
+# LAPACK path (jaxlib's eigh, via scipy's OpenBLAS) then deadlock
+# intermittently (observed with jax 0.10.2 on 8 simulated devices): a batched
+# eigh fans out over the intra-op pool and blocks a pool thread waiting for
+# its chunks, and OpenBLAS's own threads wait on each other when several
+# devices call it at once. So with a multi-device CPU mesh the roots are
+# computed one matrix at a time (a batch of one is run inline) and OpenBLAS
+# is limited to one thread; the numbers are those of the batched call.
+
+
+def _cpu_multi_device(mesh) -> bool:
+  return (
+      bool(mesh.axis_names)
+      and mesh.size > 1
+      and jax.default_backend() == "cpu"
+  )
+
+
+def _one_row_at_a_time(fn, num_replicated):
+  _single_threaded_openblas()
+
+  def body(*args):
+    num_stacked = len(args) - num_replicated
+    stacks, replicated = args[:num_stacked], args[num_stacked:]
+    return jax.lax.map(lambda rows: fn(*rows, *replicated), stacks)
+
+  return body
+
+
+_OPENBLAS_LIMITED = []
+
+
+def _single_threaded_openblas() -> None:
+  """Sets every loaded OpenBLAS (jaxlib's LAPACK provider) to one thread."""
+  if _OPENBLAS_LIMITED:
+    return
+  _OPENBLAS_LIMITED.append(True)
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    import scipy.linalg.cython_lapack  # pylint: disable=g-import-not-at-top,unused-import
+
+    with open("/proc/self/maps") as maps:
+      paths = {
+          line.split()[-1] for line in maps
+          if "openblas" in line and line.split()[-1].startswith("/")
+      }
+    for path in sorted(paths):
+      lib = ctypes.CDLL(path)
+      for name in ("scipy_openblas_set_num_threads",
+                   "scipy_openblas_set_num_threads64_",
+                   "openblas_set_num_threads",
+                   "openblas_set_num_threads64_"):
+        if hasattr(lib, name):
+          getattr(lib, name)(1)
+          break
+  except (ImportError, OSError):  # Not Linux, or no OpenBLAS: nothing to do.
+    pass
 
 
 def explicit_axes_in_context() -> tuple[str, ...]:
@@ -168,32 +356,23 @@ def _spec_of(x) -> PartitionSpec:
 def in_auto_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
   """Runs ``fn(updates, state)`` with the mesh's explicit axes made auto.
 
-  Under explicit sharding, reshaping a parameter into blocks may be
+  Under explicit sharding, cutting a sharded parameter into blocks may be
   ambiguous (JAX then raises); inside `jax.sharding.auto_axes` the SPMD
   partitioner chooses instead. The outputs ``(updates, state)`` get back the
-  inputs' shardings, so the types are the same before and after ``update``.
-  ``fn`` also receives the inputs' ``PartitionSpec``s of the updates (to pin
-  each leaf's direction to its parameter's layout). Without explicit axes
-  in the context, ``fn`` is called directly.
+  inputs' shardings, so the types are the same before and after ``update``
+  and each update has its gradient's sharding. Without explicit axes in the
+  context, ``fn`` is called directly.
   """
 
   def wrapped(updates, state):
     axes = explicit_axes_in_context()
     if not axes:
-      return fn(updates, state, None)
+      return fn(updates, state)
     specs = (jax.tree.map(_spec_of, updates), jax.tree.map(_spec_of, state))
-    return jax.sharding.auto_axes(
-        lambda u, s: fn(u, s, specs[0]), axes=axes, out_sharding=specs
-    )(updates, state)
+    return jax.sharding.auto_axes(fn, axes=axes, out_sharding=specs)(
+        updates, state)
 
   return wrapped
-
-
-def constrain_like(x: jax.Array, spec: PartitionSpec | None) -> jax.Array:
-  """Pins ``x`` to ``spec`` (a leaf's layout) inside `in_auto_mode`."""
-  if spec is None:
-    return x
-  return jax.lax.with_sharding_constraint(x, spec)
 
 
 # ---------------------------------------------------------------------------

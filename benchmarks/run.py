@@ -51,6 +51,35 @@ from benchmarks import workloads as workloads_lib
 
 OPTIMIZERS = ("adamw", "shampoo", "reference")
 
+# What the main thread is doing, for the watchdog: (description, start time).
+_CURRENT: list = [None, 0.0]
+
+
+def _watchdog(limit_seconds: float):
+  """Reports (once per stall) a step that runs longer than ``limit_seconds``."""
+  import faulthandler  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+
+  def loop():
+    reported = None
+    while True:
+      time.sleep(min(30.0, limit_seconds / 4))
+      what, since = _CURRENT
+      if what is not None and time.perf_counter() - since > limit_seconds:
+        if reported != (what, since):
+          reported = (what, since)
+          print(f"[watchdog] {what} has run for "
+                f"{time.perf_counter() - since:.0f}s; stacks:", flush=True)
+          faulthandler.dump_traceback(file=sys.stdout, all_threads=False)
+          sys.stdout.flush()
+        if time.perf_counter() - since > 3 * limit_seconds:
+          print(f"[watchdog] {what}: no progress for "
+                f"{3 * limit_seconds:.0f}s, giving up (results written so "
+                "far are kept)", flush=True)
+          os._exit(3)  # pylint: disable=protected-access
+
+  threading.Thread(target=loop, daemon=True).start()
+
 
 # ---------------------------------------------------------------------------
 # Environment
@@ -228,10 +257,13 @@ class Run:
         return
       batch = next(self.batches)
       t0 = time.perf_counter()
+      _CURRENT[:] = [f"{w.name} {self.trainer.name} lr={self.lr:g} "
+                     f"seed={self.seed} step={self.step + 1}", t0]
       params, state, loss = self.trainer(self.params, self.state, batch,
                                          self.lr)
       jax.block_until_ready((params, state, loss))
       dt = time.perf_counter() - t0
+      _CURRENT[0] = None
       self.params, self.state = params, state
       self.step += 1
       self.train_seconds += dt
@@ -639,10 +671,13 @@ def main(argv=None):
   ap.add_argument("--lrs", default="{}",
                   help='JSON {"adamw": [..], "shampoo": [..], ...} overriding '
                        "the per-workload sweeps")
+  ap.add_argument("--watchdog", type=float, default=600.0,
+                  help="report a single step running longer than this (s)")
   ap.add_argument("--timing-rounds", type=int, default=None,
                   help="interleaved timing rounds (default 8; 3 with --quick)")
   args = ap.parse_args(argv)
 
+  _watchdog(args.watchdog)
   n_seeds = args.seeds or (1 if args.quick else 3)
   timing_rounds = (args.timing_rounds if args.timing_rounds is not None
                    else (3 if args.quick else 8))
@@ -705,6 +740,15 @@ def main(argv=None):
         curves={n: [r.record() for r in rs] for n, rs in sweep.items()},
         seed_runs={n: [r.summary() for r in rs] for n, rs in seeds.items()},
         seed_curves={n: [r.record() for r in rs] for n, rs in seeds.items()})
+    _write(out_dir, meta, results, tables, n_seeds, t_all)
+  _write(out_dir, meta, results, tables, n_seeds, t_all)
+  ok = {k: v for k, v in results.items() if "summary" in v}
+  print(f"wrote {out_dir} in {meta['elapsed_seconds']:.0f}s", flush=True)
+  return 0 if len(ok) == len(results) else 1
+
+
+def _write(out_dir, meta, results, tables, n_seeds, t_all):
+  """Writes everything so far (called after every workload)."""
   meta["elapsed_seconds"] = time.perf_counter() - t_all
   meta["load_average_end"] = (os.getloadavg() if hasattr(os, "getloadavg")
                               else None)
@@ -715,11 +759,11 @@ def main(argv=None):
   header = (f"commit {meta['git']['commit']}"
             f"{' (dirty)' if meta['git']['dirty'] else ''}; "
             f"{meta['machine']['cpu_model']}, {meta['machine']['cpu_count']} "
-            f"cores, jax {meta['machine']['jax_version']}; seeds {n_seeds}\n\n")
+            f"cores, jax {meta['machine']['jax_version']}; seeds {n_seeds}; "
+            f"load average at start {meta['machine']['load_average']}, at end "
+            f"{meta['load_average_end']}\n\n")
   with open(os.path.join(out_dir, "tables.md"), "w") as f:
     f.write(header + "\n".join(tables))
-  print(f"wrote {out_dir} in {meta['elapsed_seconds']:.0f}s", flush=True)
-  return 0 if len(ok) == len(results) else 1
 
 
 if __name__ == "__main__":

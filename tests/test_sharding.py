@@ -13,13 +13,11 @@ import jax
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import shampoo_optax
-from shampoo_optax import _sharding
 
 pytestmark = pytest.mark.multidevice
 

@@ -13,9 +13,10 @@ the user checks it out anywhere and passes the checkout's root directory
 option names (those of ``shampoo_optax.shampoo``), so both optimizers can be
 run from one options dict.
 
-Option mapping (ours -> reference ``distributed_shampoo`` keyword); the
-adapter's defaults are ``shampoo_optax.shampoo``'s, so an empty options dict
-gives the reference configured like our defaults:
+Option mapping (ours -> reference ``distributed_shampoo`` keyword). The
+adapter's fallback defaults copy ``shampoo_optax.shampoo``'s at the time of
+writing; ``benchmarks.run`` passes ``shampoo``'s current defaults explicitly
+(``run.shampoo_defaults()``), so the reference is configured like ours:
 
 ================================  =============================================
 ``learning_rate``                 ``learning_rate`` (float or schedule; the
@@ -180,7 +181,7 @@ def reference_optimizer(
     graft: Optional[str] = "adam",
     graft_eps: float = 1e-8,
     graft_b2: Optional[float] = None,
-    precondition_every: int = 10,
+    precondition_every: int = 20,
     statistics_every: int = 1,
     start_preconditioning_step: int = 1,
     root_method: Optional[str] = "auto",

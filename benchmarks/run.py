@@ -117,6 +117,8 @@ def machine_info() -> dict[str, Any]:
       python=platform.python_version(),
       platform=platform.platform(),
       load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+      openblas_num_threads=os.environ.get("OPENBLAS_NUM_THREADS"),
+      xla_flags=os.environ.get("XLA_FLAGS"),
       **{f"{k}_version": v for k, v in versions.items()},
   )
 
@@ -148,6 +150,24 @@ def _shampoo_fn():
     print(f"[run] shampoo_optax not importable ({type(e).__name__}: {e}); "
           "skipping it", flush=True)
     return None
+
+
+def shampoo_defaults() -> dict[str, Any]:
+  """``shampoo_optax.shampoo``'s defaults for the options the reference maps.
+
+  The reference is then configured like our defaults (whatever they are at
+  the time of the run), not like the adapter's hard-coded fallbacks.
+  """
+  fn = _shampoo_fn()
+  if fn is None:
+    return {}
+  ours = inspect.signature(fn).parameters
+  theirs = inspect.signature(_reference.reference_optimizer).parameters
+  skip = {"learning_rate", "weight_decay", "mask", "shard_axes", "mu_dtype",
+          "skip_nonfinite", "graft_b2"}
+  return {k: v.default for k, v in ours.items()
+          if k in theirs and k not in skip
+          and v.default is not inspect.Parameter.empty}
 
 
 def precondition_every(name: str, options: dict[str, Any]) -> int:
@@ -684,6 +704,8 @@ def main(argv=None):
   shampoo_options = json.loads(args.shampoo_options)
   reference_options = json.loads(args.reference_options) or dict(
       shampoo_options)
+  if "reference" in args.optimizers:
+    reference_options = {**shampoo_defaults(), **reference_options}
   lrs_override = json.loads(args.lrs)
 
   names = [n for n in args.optimizers]

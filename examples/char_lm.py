@@ -30,12 +30,17 @@ sample of generated text.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
 from typing import Sequence
 
-import numpy as np
+# Before numpy/jax load OpenBLAS: CPU eigh (LAPACK from scipy's OpenBLAS)
+# spins or deadlocks when OpenBLAS threads compete with XLA's thread pool.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 try:
   from examples import datasets

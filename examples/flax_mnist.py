@@ -23,12 +23,17 @@ Prints the loss and test accuracy as it trains and a summary at the end.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
 from typing import Sequence
 
-import numpy as np
+# Before numpy/jax load OpenBLAS: CPU eigh (LAPACK from scipy's OpenBLAS)
+# spins or deadlocks when OpenBLAS threads compete with XLA's thread pool.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 try:
   from examples import datasets

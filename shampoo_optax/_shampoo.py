@@ -455,6 +455,9 @@ def scale_by_shampoo(
       finite = jnp.all(jnp.stack(
           [jnp.isfinite(jnp.sum(jnp.square(g))) for g in grads]
           or [jnp.array(True)]))
+      # Without the barrier XLA fuses the whole all-leaves check into every
+      # leaf's select: compile time and code size grow with layers squared.
+      finite = jax.lax.optimization_barrier(finite)
       grads = [jnp.where(finite, g, 0.0) for g in grads]
     else:
       finite = jnp.array(True)

@@ -261,7 +261,7 @@ def map_stacks(fn: Callable[..., Any], shard_axes: ShardAxes, num_replicated=0,
     mesh = (context_mesh(shard_axes) if shard_axes is not None
             else jax.sharding.get_abstract_mesh())
     body = fn
-    if calls_lapack and _cpu_multi_device(mesh):
+    if calls_lapack and jax.default_backend() == "cpu":
       body = _one_row_at_a_time(fn, num_replicated)
     if shard_axes is None:
       return body(*args)
@@ -283,23 +283,15 @@ def map_stacks(fn: Callable[..., Any], shard_axes: ShardAxes, num_replicated=0,
   return mapped
 
 
-# Several CPU devices in one process (--xla_force_host_platform_device_count)
-# run their programs concurrently on one thread pool. Two parts of the CPU
+# CPU programs (one device, or several simulated ones with
+# --xla_force_host_platform_device_count) run on one intra-op thread pool.
+# Two parts of the CPU
 # LAPACK path (jaxlib's eigh, via scipy's OpenBLAS) then deadlock
-# intermittently (observed with jax 0.10.2 on 8 simulated devices): a batched
+# intermittently (observed with jax 0.10.2 on 1 and 8 devices): a batched
 # eigh fans out over the intra-op pool and blocks a pool thread waiting for
 # its chunks, and OpenBLAS's own threads wait on each other when several
-# devices call it at once. So with a multi-device CPU mesh the roots are
-# computed one matrix at a time (a batch of one is run inline) and OpenBLAS
+# devices call it at once. So on CPU the eigh roots are computed one matrix at a time (a batch of one is run inline) and OpenBLAS
 # is limited to one thread; the numbers are those of the batched call.
-
-
-def _cpu_multi_device(mesh) -> bool:
-  return (
-      bool(mesh.axis_names)
-      and mesh.size > 1
-      and jax.default_backend() == "cpu"
-  )
 
 
 def _one_row_at_a_time(fn, num_replicated):

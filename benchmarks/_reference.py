@@ -5,7 +5,7 @@ The reference lives in the public repository ``google-research/precondition``
 the user checks it out anywhere and passes the checkout's root directory
 (the one that contains the ``precondition/`` package), e.g.::
 
-    git clone https://github.com/google-research/precondition /tmp/precondition
+    # PATH: a checkout of the public repository google-research/precondition
     python -m benchmarks.run --reference-path /tmp/precondition
 
 ``load_reference(path)`` imports ``distributed_shampoo`` from that checkout and
@@ -136,7 +136,7 @@ def load_reference(path: Optional[str]) -> Optional[Callable[..., Any]]:
       os.path.join(path, "precondition", "distributed_shampoo.py")):
     raise FileNotFoundError(
         f"{path} has no precondition/distributed_shampoo.py; pass the root of a"
-        " checkout of https://github.com/google-research/precondition")
+        " checkout of the public repository google-research/precondition")
   if path not in sys.path:
     sys.path.insert(0, path)
   with warnings.catch_warnings():

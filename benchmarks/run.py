@@ -676,7 +676,7 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=None,
                   help="override every workload's step budget")
   ap.add_argument("--reference-path", default=None,
-                  help="checkout of github.com/google-research/precondition")
+                  help="checkout of the public repository google-research/precondition")
   ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
   ap.add_argument("--tag", default=None,
                   help="results subdirectory (default: quick or full)")

@@ -89,9 +89,6 @@ class Plan:
   factors: dict[Shape, tuple[Factor, ...]]
   buckets: dict[tuple[int, int], int]
 
-  def __hash__(self):
-    return id(self)
-
   @property
   def bucket_shapes(self) -> tuple[Shape, ...]:
     return tuple((n, d, d) for (d, _), n in self.buckets.items())

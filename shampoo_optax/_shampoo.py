@@ -182,10 +182,9 @@ def _apply_factor(block: jax.Array, root: jax.Array, axis: int) -> jax.Array:
 
 
 def _inverse_root_rows(stat, ridge_epsilon, *, p, method):
-  result = _roots.inverse_pth_root(
+  return _roots.inverse_pth_root(
       stat, p, method=method, ridge_epsilon=ridge_epsilon
   )
-  return tuple(result)
 
 
 def _global_norm_ratio(numerator: jax.Array, denominator: jax.Array):
@@ -375,10 +374,10 @@ def scale_by_shampoo(
                  else _roots.default_root_method()) == "eigh"
     for (_, p), stat in zip(plan.buckets, stats):
       # Each device inverts only its own rows of the stack.
-      results.append(_roots.InverseRootResult(*_sharding.map_stacks(
+      results.append(_sharding.map_stacks(
           functools.partial(_inverse_root_rows, p=p, method=root_method),
           shard_axes, num_replicated=1, calls_lapack=uses_eigh,
-      )(stat, jnp.asarray(matrix_eps, jnp.float32))))
+      )(stat, jnp.asarray(matrix_eps, jnp.float32)))
     return results
 
   def refresh(plan, is_refresh, stats, preconditioners, diagnostics, count):
@@ -413,16 +412,19 @@ def scale_by_shampoo(
     )
 
   def precondition(plan, blocks, preconditioners):
-    if shard_axes is not None:  # Each device preconditions its own blocks.
-      return _sharding.owned_precondition(
-          plan, blocks, preconditioners, _apply_factor, shard_axes)
+    # With shard_axes, the blocks of each group are split in D chunks, each
+    # factor's roots are moved to the chunk owners (collective-permutes), each
+    # device preconditions its chunk, and the results are gathered: the one
+    # collective that carries the update. Without, both pins do nothing.
+    split = functools.partial(_sharding.constrain, shard_axes=shard_axes)
     index = dict(zip(plan.buckets, preconditioners))
     out = {}
     for group, block in blocks.items():
+      block = split(_sharding.replicate(block, shard_axes))
       for factor in plan.factors[group]:
         root = index[factor.bucket][factor.offset : factor.offset + len(block)]
-        block = _apply_factor(block, root, factor.axis)
-      out[group] = block
+        block = split(_apply_factor(block, split(root), factor.axis))
+      out[group] = _sharding.replicate(block, shard_axes)
     return out
 
   def update_core(updates, state):
@@ -452,15 +454,10 @@ def scale_by_shampoo(
     if skip_nonfinite:
       # A finite sum of squares bounds every entry of G G^T and of g^2, so
       # the statistics and accumulators cannot overflow to inf either.
-      squares = jnp.stack([jnp.sum(jnp.square(g)) for g in grads]
-                          or [jnp.zeros([])])
-      # XLA copies the scalar chain over leaves into every consumer fusion
-      # (code size grows with the square of the number of leaves); a sum
-      # makes that copy a third smaller than an and-chain of is-finite. The
-      # squares are >= 0: the total is finite only when every leaf's is (and
-      # a total overflowing float32 is skipped too, conservatively).
-      finite = jnp.isfinite(
-          jnp.dot(jnp.ones_like(squares), squares, precision=_HIGHEST))
+      squares = [jnp.sum(jnp.square(g)) for g in grads]
+      # The squares are >= 0: the total is finite only when every leaf's is
+      # (a total overflowing float32 is skipped too, conservatively).
+      finite = jnp.isfinite(sum(squares, jnp.zeros([])))
       # Non-finite values reach only results that are discarded below (the
       # statistics and roots are behind conds on `finite`).
     else:

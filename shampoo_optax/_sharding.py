@@ -24,7 +24,7 @@ Owner computes: row ``r`` of a bucket lives on device ``r // (N / D)``.
   ``[N / D, d, d]`` slice (the SPMD partitioner would be free to replicate a
   custom call such as LAPACK's ``eigh``; ``shard_map`` takes that choice
   away from it);
-* preconditioning (`owned_precondition`, sharding constraints): the blocks
+* preconditioning (`constrain`/`replicate` around the batched products): the blocks
   of each shape are split in ``D`` chunks, each factor's roots are moved to
   the chunk owners, each device preconditions its chunk, and the results
   are all-gathered into the update.
@@ -139,7 +139,10 @@ def constrain(x: jax.Array, shard_axes: ShardAxes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
-def _replicate(x: jax.Array) -> jax.Array:
+def replicate(x: jax.Array, shard_axes: ShardAxes) -> jax.Array:
+  """Pins ``x`` whole on every device (nothing to do without shard axes)."""
+  if shard_axes is None:
+    return x
   return jax.lax.with_sharding_constraint(x, PartitionSpec())
 
 
@@ -205,43 +208,7 @@ def owned_contributions(plan, blocks, contribution, shard_axes):
       in_specs=(PartitionSpec(),) * len(groups),
       out_specs=(spec,) * len(buckets),
       axis_names=frozenset(axis_names(shard_axes)),
-  )(*(_replicate(blocks[g]) for g in groups))
-
-
-def owned_precondition(plan, blocks, roots, apply_factor, shard_axes):
-  """Preconditioned blocks, each computed by one device (owner computes).
-
-  The ``n`` blocks of a group are split in ``D`` contiguous chunks along the
-  shard axes. Each factor's roots, rows ``[offset, offset + n)`` of their
-  bucket, are resharded the same way: the partitioner moves them from the
-  bucket's owners to the chunk owners with collective-permutes (at most
-  ``ceil(n / D)`` roots per device and factor). Every device then applies
-  all factors to its own chunk, and the results are all-gathered (for a
-  group with fewer blocks than devices, an all-reduce of the one owner's
-  result): the one collective that carries the update.
-
-  Args:
-    plan: the `_blocks.Plan`.
-    blocks: group -> ``[n, *group]`` gradient blocks.
-    roots: one ``[N, d, d]`` stack per bucket, split over ``shard_axes``.
-    apply_factor: ``(blocks, roots, axis) -> blocks``, batched over blocks.
-    shard_axes: the mesh axes of the stacked axis.
-
-  Returns:
-    group -> ``[n, *group]`` preconditioned blocks, replicated.
-  """
-  by_bucket = dict(zip(plan.buckets, roots))
-  out = {}
-  for group, block in blocks.items():
-    n = block.shape[0]
-    block = constrain(_replicate(block), shard_axes)
-    for factor in plan.factors[group]:
-      root = by_bucket[factor.bucket][factor.offset : factor.offset + n]
-      block = constrain(
-          apply_factor(block, constrain(root, shard_axes), factor.axis),
-          shard_axes)
-    out[group] = _replicate(block)
-  return out
+  )(*(replicate(blocks[g], shard_axes) for g in groups))
 
 
 def map_stacks(fn: Callable[..., Any], shard_axes: ShardAxes, num_replicated=0,

@@ -456,8 +456,11 @@ def scale_by_shampoo(
       # the statistics and accumulators cannot overflow to inf either.
       squares = [jnp.sum(jnp.square(g)) for g in grads]
       # The squares are >= 0: the total is finite only when every leaf's is
-      # (a total overflowing float32 is skipped too, conservatively).
-      finite = jnp.isfinite(sum(squares, jnp.zeros([])))
+      # (a total overflowing float32 is skipped too, conservatively). The
+      # sqrt changes no answer; XLA deems it expensive and computes it once,
+      # where it would copy a chain of cheap scalar adds into every per-leaf
+      # select fusion (compiled size quadratic in the number of leaves).
+      finite = jnp.isfinite(jnp.sqrt(sum(squares, jnp.zeros([]))))
       # Non-finite values reach only results that are discarded below (the
       # statistics and roots are behind conds on `finite`).
     else:

@@ -113,6 +113,23 @@ def test_skip_nonfinite_false_defers_to_the_user():
   assert int(state.diagnostics.nonfinite_steps) == 0
 
 
+def test_nonfinite_check_keeps_the_program_linear_in_leaves():
+  """The all-leaves flag is computed once, not copied into each leaf's code.
+
+  Copying it made the compiled program (and compile time) quadratic in the
+  number of leaves: 4x the leaves gave 7x the HLO.
+  """
+
+  def hlo_lines(layers):
+    params = [{"w": jnp.zeros((8, 8)), "b": jnp.zeros((8,))}
+              for _ in range(layers)]
+    tx = shampoo_optax.scale_by_shampoo()
+    compiled = jax.jit(tx.update).lower(params, tx.init(params)).compile()
+    return len(compiled.as_text().splitlines())
+
+  assert hlo_lines(24) < 4.5 * hlo_lines(6)
+
+
 # ------------------------------------------------- singular statistics
 
 

@@ -24,10 +24,10 @@ Owner computes: row ``r`` of a bucket lives on device ``r // (N / D)``.
   ``[N / D, d, d]`` slice (the SPMD partitioner would be free to replicate a
   custom call such as LAPACK's ``eigh``; ``shard_map`` takes that choice
   away from it);
-* preconditioning (`constrain`/`replicate` around the batched products): the blocks
-  of each shape are split in ``D`` chunks, each factor's roots are moved to
-  the chunk owners, each device preconditions its chunk, and the results
-  are all-gathered into the update.
+* preconditioning (`constrain`/`replicate` around the batched products):
+  the blocks of each shape are split in ``D`` chunks, each factor's roots
+  are moved to the chunk owners, each device preconditions its chunk, and
+  the results are all-gathered into the update.
 
 Communication, read from the compiled step (8 simulated CPU devices,
 ``tests/test_sharding.py`` and ``benchmarks/sharding_bench.py``; data
@@ -219,14 +219,12 @@ def map_stacks(fn: Callable[..., Any], shard_axes: ShardAxes, num_replicated=0,
   is the stacked one, and must be row-wise (row ``i`` of an output depends
   only on row ``i`` of the inputs); its last ``num_replicated`` arguments are
   passed whole to every device. With ``shard_axes`` it runs under
-  `jax.shard_map`, so each device computes only its ``N / D`` rows. Without
-  a multi-device mesh it is ``fn`` itself. ``calls_lapack``: ``fn`` calls a
-  CPU LAPACK kernel (``eigh``); see `_one_row_at_a_time`.
+  `jax.shard_map`, so each device computes only its ``N / D`` rows; without,
+  it is ``fn`` itself. ``calls_lapack``: ``fn`` calls a LAPACK kernel
+  (``eigh``), which on CPU runs one row at a time (see `_one_row_at_a_time`).
   """
 
   def mapped(*args):
-    mesh = (context_mesh(shard_axes) if shard_axes is not None
-            else jax.sharding.get_abstract_mesh())
     body = fn
     if calls_lapack and jax.default_backend() == "cpu":
       body = _one_row_at_a_time(fn, num_replicated)
@@ -237,7 +235,7 @@ def map_stacks(fn: Callable[..., Any], shard_axes: ShardAxes, num_replicated=0,
     in_specs = (spec,) * num_stacked + (PartitionSpec(),) * num_replicated
     return jax.shard_map(
         body,
-        mesh=mesh,
+        mesh=context_mesh(shard_axes),
         in_specs=in_specs,
         out_specs=spec,
         axis_names=frozenset(axis_names(shard_axes)),
@@ -252,13 +250,13 @@ def map_stacks(fn: Callable[..., Any], shard_axes: ShardAxes, num_replicated=0,
 
 # CPU programs (one device, or several simulated ones with
 # --xla_force_host_platform_device_count) run on one intra-op thread pool.
-# Two parts of the CPU
-# LAPACK path (jaxlib's eigh, via scipy's OpenBLAS) then deadlock
-# intermittently (observed with jax 0.10.2 on 1 and 8 devices): a batched
-# eigh fans out over the intra-op pool and blocks a pool thread waiting for
-# its chunks, and OpenBLAS's own threads wait on each other when several
-# devices call it at once. So on CPU the eigh roots are computed one matrix at a time (a batch of one is run inline) and OpenBLAS
-# is limited to one thread; the numbers are those of the batched call.
+# Two parts of the CPU LAPACK path (jaxlib's eigh, via scipy's OpenBLAS) then
+# deadlock intermittently (observed with jax 0.10.2 on 1 and 8 devices): a
+# batched eigh fans out over the intra-op pool and blocks a pool thread
+# waiting for its chunks, and OpenBLAS's own threads wait on each other when
+# several devices call it at once. So on CPU the eigh roots are computed one
+# matrix at a time (a batch of one is run inline) and OpenBLAS is limited to
+# one thread; the numbers are those of the batched call.
 
 
 def _one_row_at_a_time(fn, num_replicated):

@@ -5,21 +5,27 @@
 from shampoo_optax._roots import default_root_method
 from shampoo_optax._roots import inverse_pth_root
 from shampoo_optax._roots import InverseRootResult
+from shampoo_optax._report import state_report
+from shampoo_optax._report import StateReport
 from shampoo_optax._roots import root_error
 from shampoo_optax._shampoo import scale_by_shampoo
 from shampoo_optax._shampoo import shampoo
 from shampoo_optax._shampoo import ShampooDiagnostics
 from shampoo_optax._shampoo import ShampooState
 from shampoo_optax._shampoo import STATIC_OPTIONS
+from shampoo_optax._sharding import abstract_state
 from shampoo_optax._sharding import state_shardings
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "abstract_state",
     "default_root_method",
     "inverse_pth_root",
     "InverseRootResult",
     "root_error",
+    "state_report",
+    "StateReport",
     "scale_by_shampoo",
     "shampoo",
     "ShampooDiagnostics",

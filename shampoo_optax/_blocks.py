@@ -1,27 +1,35 @@
 # Copyright 2026 The shampoo_optax Authors.
 # SPDX-License-Identifier: Apache-2.0
-"""The static plan: how each leaf is reshaped, blocked and stacked.
+"""The static plan: how leaves become units, families, blocks and factors.
 
 Everything here runs in Python on shapes only, once per tree of shapes. The
 result tells the update how to
 
-* route each leaf: ``shampoo`` (Kronecker-factored preconditioning) or
-  ``diagonal`` (the grafted optimizer alone: scalars, vectors, empty leaves and
-  leaves with a dimension above ``max_precondition_dim``);
-* reshape a preconditioned leaf: drop unit dimensions, then merge adjacent
-  small dimensions while their product stays ``<= block_size`` (never below
-  rank 2), e.g. a ``[3, 3, 64, 128]`` conv kernel becomes ``[9, 64, 128]`` and
-  a ``[128, 4, 32]`` attention kernel becomes ``[128, 128]``;
-* cut the merged tensor into blocks of at most ``block_size`` along every
-  axis (the remainder block of an axis may be smaller);
-* stack blocks of equal shape from all leaves into one ``[N, b_1, ..., b_k]``
-  array (a *group*), so that one batched op serves every layer;
-* stack the statistics of all blocks whose axis has the same size ``d`` and
-  the same root exponent ``p`` into one ``[N_d, d, d]`` array (a *bucket*),
-  so that one batched inverse-root call serves every layer.
+* cut each leaf into *units*: the slices along its ``layer_axes`` (stacked,
+  e.g. scanned, layers); a leaf without layer axes is one unit. A unit is
+  preconditioned exactly as if it were a leaf of its own;
+* route each unit: ``shampoo`` (Kronecker-factored preconditioning) or
+  diagonal (the grafted optimizer alone: scalars, vectors, empty units and
+  units with a dimension above ``max_precondition_dim``);
+* reshape a preconditioned unit: drop unit dimensions, then merge adjacent
+  small dimensions while their product stays ``<= min(block_size,
+  max_precondition_dim)`` (never below rank 2), e.g. a ``[3, 3, 64, 128]``
+  conv kernel becomes ``[9, 64, 128]`` and a ``[128, 4, 32]`` attention
+  kernel becomes ``[128, 128]``;
+* stack the units of equal (merged) shape from all leaves into one
+  ``[n, *shape]`` array, a *family*, so that one batched op serves every
+  layer (the compiled program does not grow with the number of layers);
+* cut a family into *pieces*, the regions of full blocks and of remainder
+  blocks along each axis (at most ``block_size`` per side), each viewed as
+  ``[n, *grid, *block]``;
+* keep, for every axis of every piece, one *factor*: the statistics of that
+  axis of all its blocks, ``[n, *grid, *packed]`` (symmetric matrices as
+  packed triangles, see `_symmetric`).
 
-Buckets are padded to a multiple of ``pad_multiple`` (the number of shards)
-with inert zero matrices; the root of a zero matrix is the identity.
+A factor's leading axes ``[n, *grid]`` are those of its blocks, so block
+``i``'s statistics, root and gradient share an index: preconditioning is
+local wherever they are split alike (see `_sharding`). The shapes depend on
+the parameters and the options only, never on a mesh.
 """
 
 import dataclasses
@@ -33,40 +41,97 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from shampoo_optax import _symmetric
+
 Shape = tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
-class Piece:
-  """A rectangular region of a merged leaf, cut into equal blocks.
+class Member:
+  """A leaf's units in a family.
 
   Attributes:
     leaf: index of the leaf in the flattened tree.
-    start: start of the region along each merged axis.
-    grid: number of blocks along each axis.
-    group: the block shape, key of the group the blocks are stacked into.
-    offset: index of the region's first block in its group's stack.
+    layer_axes: the leaf's axes that index its units (sorted).
+    offset: index of the leaf's first unit in the family.
+    units: number of units (product of the layer axes' sizes).
+    merged_from: for each family axis, the leaf axes merged into it.
   """
 
   leaf: int
+  layer_axes: Shape
+  offset: int
+  units: int
+  merged_from: tuple[Shape, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """A region of a family's units, cut into equal blocks.
+
+  Attributes:
+    start: start of the region along each family axis.
+    grid: number of blocks along each axis.
+    block: the block shape.
+  """
+
   start: Shape
   grid: Shape
-  group: Shape
-  offset: int
+  block: Shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """Units of equal shape, stacked as ``[units, *shape]``.
+
+  Attributes:
+    shape: the (merged, for preconditioned families) unit shape.
+    members: the leaves whose units it stacks, in order.
+    pieces: the regions of blocks; empty for a diagonal family.
+    exponent: the root exponent ``p`` of its factors (0 when diagonal).
+  """
+
+  shape: Shape
+  members: tuple[Member, ...]
+  pieces: tuple[Piece, ...]
+  exponent: int
 
   @property
-  def count(self) -> int:
-    return math.prod(self.grid)
+  def units(self) -> int:
+    return sum(m.units for m in self.members)
+
+  @property
+  def preconditioned(self) -> bool:
+    return bool(self.pieces)
 
 
 @dataclasses.dataclass(frozen=True)
 class Factor:
-  """Where the statistics of one axis of one group live in a bucket."""
+  """The statistics of one axis of one piece: ``[units, *grid, *packed]``.
 
-  group: Shape
+  Attributes:
+    family: index of the family.
+    piece: index of the piece in the family.
+    axis: the block axis the statistics are of.
+    dim: the side ``d`` of the statistics (``block[axis]``).
+    exponent: the root exponent ``p``.
+    batch_shape: ``(units, *grid)``, one matrix per block.
+  """
+
+  family: int
+  piece: int
   axis: int
-  bucket: tuple[int, int]  # (dim, exponent p)
-  offset: int
+  dim: int
+  exponent: int
+  batch_shape: Shape
+
+  @property
+  def shape(self) -> Shape:
+    return self.batch_shape + _symmetric.packed_shape(self.dim)
+
+  @property
+  def count(self) -> int:
+    return math.prod(self.batch_shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,80 +140,76 @@ class Plan:
 
   Attributes:
     shapes: original leaf shapes, in flattened order.
-    merged: merged shape of each leaf, ``None`` for diagonal leaves.
-    pieces: all regions of all preconditioned leaves.
-    groups: block shape -> number of stacked blocks.
-    factors: group -> one ``Factor`` per axis.
-    buckets: ``(dim, p)`` -> stack length (padded).
+    families: the families, in order of their first leaf.
+    factors: every factor of every preconditioned family, in order.
+    family_of_leaf: the family of each leaf.
   """
 
   shapes: tuple[Shape, ...]
-  merged: tuple[Shape | None, ...]
-  pieces: tuple[Piece, ...]
-  groups: dict[Shape, int]
-  factors: dict[Shape, tuple[Factor, ...]]
-  buckets: dict[tuple[int, int], int]
+  families: tuple[Family, ...]
+  factors: tuple[Factor, ...]
+  family_of_leaf: tuple[int, ...]
 
-  @property
-  def bucket_shapes(self) -> tuple[Shape, ...]:
-    return tuple((n, d, d) for (d, _), n in self.buckets.items())
+  def factors_of(self, family: int) -> list[tuple[int, Factor]]:
+    """``(index, factor)`` of every factor of a family."""
+    return [(i, f) for i, f in enumerate(self.factors) if f.family == family]
 
-  def is_preconditioned(self, leaf: int) -> bool:
-    return self.merged[leaf] is not None
-
-  def stack(self, leaves: Sequence[jax.Array]) -> dict[Shape, jax.Array]:
-    """Cuts leaves into blocks: group -> ``[N, *group]``."""
-    parts = {group: [] for group in self.groups}
-    for piece in self.pieces:
-      merged = leaves[piece.leaf].reshape(self.merged[piece.leaf])
-      region = merged[
-          tuple(
-              slice(s, s + n * b)
-              for s, n, b in zip(piece.start, piece.grid, piece.group)
-          )
-      ]
-      parts[piece.group].append(_to_blocks(region, piece.grid, piece.group))
-    return {group: _concat(p) for group, p in parts.items()}
-
-  def unstack(
-      self, blocks: dict[Shape, jax.Array]
-  ) -> list[jax.Array | None]:
-    """Inverse of `stack`; diagonal leaves come back as ``None``."""
-    regions = [dict() for _ in self.shapes]
-    for piece in self.pieces:
-      stacked = blocks[piece.group][piece.offset : piece.offset + piece.count]
-      regions[piece.leaf][piece.start] = _from_blocks(
-          stacked, piece.grid, piece.group
-      )
-    return [
-        None
-        if merged is None
-        else _assemble(regions[i]).reshape(self.shapes[i])
-        for i, merged in enumerate(self.merged)
+  def stack(self, leaves: Sequence[jax.Array], family: int) -> jax.Array:
+    """The family's units from its leaves: ``[units, *shape]``."""
+    fam = self.families[family]
+    parts = [
+        jnp.moveaxis(leaves[m.leaf], m.layer_axes,
+                     range(len(m.layer_axes))).reshape((m.units,) + fam.shape)
+        for m in fam.members
     ]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+  def unstack(self, stacked: jax.Array, family: int) -> list[jax.Array]:
+    """Inverse of `stack`: one array per member leaf, in the leaf's shape."""
+    out = []
+    for m in self.families[family].members:
+      shape = self.shapes[m.leaf]
+      layer_shape = tuple(shape[a] for a in m.layer_axes)
+      unit_shape = tuple(d for a, d in enumerate(shape)
+                         if a not in m.layer_axes)
+      x = stacked[m.offset:m.offset + m.units].reshape(layer_shape + unit_shape)
+      out.append(jnp.moveaxis(x, range(len(m.layer_axes)), m.layer_axes))
+    return out
+
+  def unstack_tree(self, stacked: Sequence[jax.Array]) -> list[jax.Array]:
+    """Leaves in flattened order from one stacked array per family."""
+    leaves = [None] * len(self.shapes)
+    for f, fam in enumerate(self.families):
+      for m, x in zip(fam.members, self.unstack(stacked[f], f)):
+        leaves[m.leaf] = x
+    return leaves
 
 
-def _concat(arrays):
-  return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays)
+def blocks_of(stacked: jax.Array, piece: Piece) -> jax.Array:
+  """``[n, *shape]`` -> the piece's blocks ``[n, *grid, *block]``."""
+  k = len(piece.grid)
+  region = stacked[(slice(None),) + tuple(
+      slice(s, s + g * b)
+      for s, g, b in zip(piece.start, piece.grid, piece.block))]
+  x = region.reshape(
+      (region.shape[0],) + tuple(itertools.chain(*zip(piece.grid, piece.block))))
+  return x.transpose((0,) + tuple(range(1, 2 * k + 1, 2))
+                     + tuple(range(2, 2 * k + 1, 2)))
 
 
-def _to_blocks(region: jax.Array, grid: Shape, block: Shape) -> jax.Array:
-  """``[n_1*b_1, ..., n_k*b_k] -> [n_1*...*n_k, b_1, ..., b_k]``."""
-  k = len(grid)
-  x = region.reshape(tuple(itertools.chain(*zip(grid, block))))
-  x = x.transpose(tuple(range(0, 2 * k, 2)) + tuple(range(1, 2 * k, 2)))
-  return x.reshape((-1,) + block)
+def assemble(blocks: Sequence[jax.Array], pieces: Sequence[Piece]) -> jax.Array:
+  """Inverse of `blocks_of` over all pieces of a family: ``[n, *shape]``."""
+  regions = {}
+  for x, piece in zip(blocks, pieces):
+    k = len(piece.grid)
+    x = x.transpose((0,) + tuple(
+        itertools.chain(*zip(range(1, k + 1), range(k + 1, 2 * k + 1)))))
+    regions[piece.start] = x.reshape(
+        (x.shape[0],) + tuple(g * b for g, b in zip(piece.grid, piece.block)))
+  return _concatenate_grid(regions, 0)
 
 
-def _from_blocks(blocks: jax.Array, grid: Shape, block: Shape) -> jax.Array:
-  """Inverse of `_to_blocks`."""
-  k = len(grid)
-  x = blocks.reshape(grid + block)
-  x = x.transpose(tuple(itertools.chain(*zip(range(k), range(k, 2 * k)))))
-  return x.reshape(tuple(n * b for n, b in zip(grid, block)))
-
-
-def _assemble(regions: dict[Shape, jax.Array], axis: int = 0) -> jax.Array:
+def _concatenate_grid(regions: dict[Shape, jax.Array], axis: int) -> jax.Array:
   """Concatenates regions keyed by their start back into one tensor.
 
   The regions form a grid (a choice of full-blocks part or remainder part on
@@ -161,94 +222,97 @@ def _assemble(regions: dict[Shape, jax.Array], axis: int = 0) -> jax.Array:
   for start, region in regions.items():
     slabs.setdefault(start[axis], {})[start] = region
   return jnp.concatenate(
-      [_assemble(slabs[s], axis + 1) for s in sorted(slabs)], axis=axis
-  )
+      [_concatenate_grid(slabs[s], axis + 1) for s in sorted(slabs)],
+      axis=axis + 1)
 
 
-def merge_dims(shape: Shape, block_size: int) -> Shape:
-  """Drops unit dims and merges adjacent dims while the product fits a block.
+def merge_dims(shape: Shape, limit: int) -> tuple[Shape, tuple[Shape, ...]]:
+  """Drops unit dims and merges adjacent dims while the product is <= limit.
 
   Merging never takes the rank below 2, so a matrix stays a matrix.
+
+  Returns:
+    The merged shape, and for each merged axis the axes of ``shape`` it
+    holds (unit dims belong to no merged axis).
   """
-  dims = [d for d in shape if d != 1]
-  if len(dims) < 2:
-    return tuple(dims)
-  merged = [dims[0]]
-  for i, d in enumerate(dims[1:], start=1):
-    rank_if_merged = len(merged) + len(dims) - i - 1
-    if merged[-1] * d <= block_size and rank_if_merged >= 2:
-      merged[-1] *= d
+  axes = [a for a, d in enumerate(shape) if d != 1]
+  if len(axes) < 2:
+    return tuple(shape[a] for a in axes), tuple((a,) for a in axes)
+  merged, groups = [shape[axes[0]]], [[axes[0]]]
+  for i, a in enumerate(axes[1:], start=1):
+    rank_if_merged = len(merged) + len(axes) - i - 1
+    if merged[-1] * shape[a] <= limit and rank_if_merged >= 2:
+      merged[-1] *= shape[a]
+      groups[-1].append(a)
     else:
-      merged.append(d)
-  return tuple(merged)
+      merged.append(shape[a])
+      groups.append([a])
+  return tuple(merged), tuple(tuple(g) for g in groups)
+
+
+def _pieces(shape: Shape, block_size: int) -> tuple[Piece, ...]:
+  # Per axis: the run of full blocks and the remainder block, if any.
+  parts = []
+  for dim in shape:
+    full, rest = divmod(dim, block_size)
+    parts.append(([(0, full, block_size)] if full else [])
+                 + ([(full * block_size, 1, rest)] if rest else []))
+  return tuple(
+      Piece(*(tuple(c[i] for c in combo) for i in range(3)))
+      for combo in itertools.product(*parts))
 
 
 @functools.lru_cache(maxsize=64)
 def make_plan(
     shapes: tuple[Shape, ...],
+    layer_axes: tuple[Shape, ...],
     block_size: int,
     max_precondition_dim: int,
     exponent_override: int | None = None,
-    pad_multiple: int = 1,
 ) -> Plan:
   """Builds the static plan for leaves of the given shapes.
 
   Args:
     shapes: the shape of every leaf, in flattened order.
+    layer_axes: for every leaf, its (sorted, non-negative) layer axes.
     block_size: largest block side.
-    max_precondition_dim: leaves with a (merged) dim above this are diagonal.
+    max_precondition_dim: units with a (merged) dim above this are diagonal.
     exponent_override: root exponent ``p`` for every factor (``X^(-1/p)``);
-      ``None`` uses ``p = 2k`` for a rank-``k`` merged tensor.
-    pad_multiple: bucket lengths are padded to a multiple of this.
+      ``None`` uses ``p = 2k`` for a rank-``k`` merged unit.
 
   Returns:
     The `Plan`.
   """
-  merged_shapes = []
-  pieces = []
-  groups: dict[Shape, int] = {}
-  for leaf, shape in enumerate(shapes):
-    merged = merge_dims(shape, block_size)
-    if (
-        len(merged) < 2
-        or math.prod(merged) == 0
-        or max(merged) > max_precondition_dim
-    ):
-      merged_shapes.append(None)
-      continue
-    merged_shapes.append(merged)
-    # Per axis: the run of full blocks and the remainder block, if any.
-    parts = []
-    for dim in merged:
-      full, rest = divmod(dim, block_size)
-      parts.append(
-          ([(0, full, block_size)] if full else [])
-          + ([(full * block_size, 1, rest)] if rest else [])
-      )
-    for combo in itertools.product(*parts):
-      start, grid, group = (tuple(c[i] for c in combo) for i in range(3))
-      offset = groups.get(group, 0)
-      groups[group] = offset + math.prod(grid)
-      pieces.append(Piece(leaf, start, grid, group, offset))
+  merge_limit = min(block_size, max_precondition_dim)
+  keys, members, family_of_leaf = [], {}, []
+  for leaf, (shape, axes) in enumerate(zip(shapes, layer_axes)):
+    unit_axes = tuple(a for a in range(len(shape)) if a not in axes)
+    unit_shape = tuple(shape[a] for a in unit_axes)
+    merged, groups = merge_dims(unit_shape, merge_limit)
+    diagonal = (len(merged) < 2 or math.prod(merged) == 0
+                or max(merged) > max_precondition_dim)
+    key = ("diagonal", unit_shape) if diagonal else ("shampoo", merged)
+    if key not in members:
+      keys.append(key)
+      members[key] = []
+    offset = sum(m.units for m in members[key])
+    merged_from = tuple(tuple(unit_axes[a] for a in g) for g in groups)
+    members[key].append(Member(leaf, tuple(axes), offset,
+                               math.prod(shape[a] for a in axes), merged_from))
+    family_of_leaf.append(keys.index(key))
 
-  factors = {}
-  buckets: dict[tuple[int, int], int] = {}
-  for group, count in groups.items():
-    p = exponent_override or 2 * len(group)
-    group_factors = []
-    for axis, dim in enumerate(group):
-      offset = buckets.get((dim, p), 0)
-      buckets[(dim, p)] = offset + count
-      group_factors.append(Factor(group, axis, (dim, p), offset))
-    factors[group] = tuple(group_factors)
-  buckets = {
-      key: -(-n // pad_multiple) * pad_multiple for key, n in buckets.items()
-  }
-  return Plan(
-      shapes=tuple(shapes),
-      merged=tuple(merged_shapes),
-      pieces=tuple(pieces),
-      groups=groups,
-      factors=factors,
-      buckets=buckets,
-  )
+  families, factors = [], []
+  for index, (kind, shape) in enumerate(keys):
+    if kind == "diagonal":
+      families.append(Family(shape, tuple(members[(kind, shape)]), (), 0))
+      continue
+    p = exponent_override or 2 * len(shape)
+    family = Family(shape, tuple(members[(kind, shape)]),
+                    _pieces(shape, block_size), p)
+    families.append(family)
+    for piece_index, piece in enumerate(family.pieces):
+      for axis, dim in enumerate(piece.block):
+        factors.append(Factor(index, piece_index, axis, dim, p,
+                              (family.units,) + piece.grid))
+  return Plan(tuple(shapes), tuple(families), tuple(factors),
+              tuple(family_of_leaf))

@@ -68,7 +68,9 @@ def bias_correction(decay, step) -> jax.Array:
 
 
 def _normalize(g: jax.Array) -> jax.Array:
-  norm = jnp.linalg.norm(g)
+  """``g`` divided by the Frobenius norm of each unit (axis 0 indexes units)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)),
+                          keepdims=True))
   return jnp.where(norm > 0, g / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
@@ -84,7 +86,8 @@ def graft_direction(
 
   Args:
     graft: one of `GRAFTS`.
-    grads: float32 gradient leaves.
+    grads: float32 gradients, each ``[units, ...]`` (the normalized
+      variants normalize each unit).
     accumulators: second-moment accumulators (``None`` for sgd and none).
     step: the 1-based step number.
     b2: decay of the rmsprop/adam accumulator.

@@ -22,6 +22,7 @@ Both scale each matrix by its max-abs entry before computing (the root of
 overflow nor underflow in float32.
 """
 
+import ctypes
 from typing import NamedTuple
 
 import jax
@@ -386,3 +387,59 @@ def inverse_pth_root(matrix,
   root = jnp.where(finite[..., None, None], root, jnp.nan)
   error = jnp.where(finite, error, jnp.inf)
   return InverseRootResult(root=root, error=error)
+
+
+def stacked_inverse_pth_root(matrices: jax.Array, p: int, *, method: str,
+                             ridge_epsilon) -> InverseRootResult:
+  """`inverse_pth_root` of a ``[m, n, n]`` stack, safe on every backend.
+
+  On CPU, ``eigh`` roots are computed one matrix at a time with OpenBLAS
+  limited to one thread (see `_single_threaded_openblas`); the numbers are
+  those of the batched call.
+  """
+  if method == "auto":
+    method = default_root_method()
+  root = lambda a: inverse_pth_root(a, p, method=method,
+                                    ridge_epsilon=ridge_epsilon)
+  if method != "eigh" or jax.default_backend() != "cpu":
+    return root(matrices)
+  _single_threaded_openblas()
+  return jax.lax.map(root, matrices)
+
+
+# CPU programs (one device, or several simulated ones with
+# --xla_force_host_platform_device_count) run on one intra-op thread pool.
+# Two parts of the CPU LAPACK path (jaxlib's eigh, via scipy's OpenBLAS) then
+# deadlock intermittently (observed with jax 0.10.2 on 1 and 8 devices): a
+# batched eigh fans out over the intra-op pool and blocks a pool thread
+# waiting for its chunks, and OpenBLAS's own threads wait on each other when
+# several devices call it at once. So on CPU the eigh roots are computed one
+# matrix at a time (a batch of one runs inline) and OpenBLAS is limited to
+# one thread, process-wide, the first time such a root is traced.
+_OPENBLAS_LIMITED = []
+
+
+def _single_threaded_openblas() -> None:
+  """Sets every loaded OpenBLAS (jaxlib's LAPACK provider) to one thread."""
+  if _OPENBLAS_LIMITED:
+    return
+  _OPENBLAS_LIMITED.append(True)
+  try:
+    import scipy.linalg.cython_lapack  # pylint: disable=g-import-not-at-top,unused-import
+
+    with open("/proc/self/maps") as maps:
+      paths = {
+          line.split()[-1] for line in maps
+          if "openblas" in line and line.split()[-1].startswith("/")
+      }
+    for path in sorted(paths):
+      lib = ctypes.CDLL(path)
+      for name in ("scipy_openblas_set_num_threads",
+                   "scipy_openblas_set_num_threads64_",
+                   "openblas_set_num_threads",
+                   "openblas_set_num_threads64_"):
+        if hasattr(lib, name):
+          getattr(lib, name)(1)
+          break
+  except (ImportError, OSError):  # Not Linux, or no OpenBLAS: nothing to do.
+    pass

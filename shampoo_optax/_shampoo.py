@@ -16,11 +16,18 @@ the direction :math:`D_t = \hat L_t^{-1/4} G_t \hat R_t^{-1/4}`, where
 :math:`\hat X = X + \epsilon \lambda_{max}(X) I`. A rank-:math:`k` tensor has
 one factor per axis, each with exponent :math:`-1/(2k)`. The roots are
 recomputed every ``precondition_every`` steps. :math:`D_t` is rescaled per
-leaf to the norm of a simple optimizer's direction (grafting, see
-`_grafting`), then momentum follows.
+unit (a leaf, or one layer of a stacked leaf) to the norm of a simple
+optimizer's direction (grafting, see `_grafting`), then momentum follows.
+
+The update is a sequence of stages, each a function below: stack the
+gradients into families (`_blocks`), check them (`_all_finite`), update the
+statistics (`_update_statistics`), refresh a share of the roots
+(`_refresh_roots`), precondition (`_precondition`), graft (`_graft`) and
+apply momentum (`_momentum`).
 """
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import chex
@@ -33,9 +40,11 @@ from shampoo_optax import _blocks
 from shampoo_optax import _grafting
 from shampoo_optax import _roots
 from shampoo_optax import _sharding
+from shampoo_optax import _symmetric
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_LETTERS = "abcdefghijklmnopqrstuvwx"
+_LETTERS = "abcdefghijklmnopqrstuvw"
+REFRESH_MODES = ("all", "staggered")
 
 
 class ShampooDiagnostics(NamedTuple):
@@ -46,8 +55,8 @@ class ShampooDiagnostics(NamedTuple):
       error above ``max_root_error``); each kept its previous root.
     max_root_error: largest root error of the last refresh (see
       `shampoo_optax.root_error`).
-    last_refresh_step: the step (0-based) of the last root refresh, -1 before
-      the first.
+    last_refresh_step: the step (0-based) of the last refresh of any root,
+      -1 before the first.
     nonfinite_steps: steps skipped because a gradient was NaN or infinite.
   """
 
@@ -62,9 +71,13 @@ class ShampooState(NamedTuple):
 
   Attributes:
     count: number of (finite) updates applied so far.
-    stats: one ``[N_d, d, d]`` float32 stack per bucket of equal-size,
-      equal-exponent Kronecker factors (see `shampoo_optax._blocks`).
-    preconditioners: inverse roots of ``stats``, same layout.
+    stats: one float32 array ``[n, *grid, *packed]`` per factor: the
+      statistics of one axis of every block of a piece of a family, stored
+      as packed triangles (see `shampoo_optax._blocks`, `_symmetric`).
+    preconditioners: their inverse roots, same layout, in
+      ``preconditioner_dtype``.
+    refreshed_at: one int32 array ``[n, *grid]`` per factor: the step
+      (0-based) at which each root was last accepted, -1 for never.
     graft: per-leaf float32 accumulators of the grafted optimizer, or
       ``None`` for ``"sgd"``/``"none"`` grafting.
     mu: per-leaf momentum, or ``None`` when ``b1 == 0``.
@@ -74,19 +87,25 @@ class ShampooState(NamedTuple):
   count: chex.Array
   stats: tuple[chex.Array, ...]
   preconditioners: tuple[chex.Array, ...]
+  refreshed_at: tuple[chex.Array, ...]
   graft: Any
   mu: Any
   diagnostics: ShampooDiagnostics
 
 
-# Options that shape the state or the compiled program: they must be Python
-# values, so `optax.inject_hyperparams` must get them in `static_args`.
+# The float options of `shampoo`: they may be traced (schedules, values
+# injected by `optax.inject_hyperparams`). Every other option shapes the state
+# or the compiled program and must be static: pass STATIC_OPTIONS as
+# `static_args` to `optax.inject_hyperparams`.
+FLOAT_OPTIONS = ("learning_rate", "b1", "b2", "matrix_eps", "graft_eps",
+                 "graft_b2", "max_root_error", "weight_decay")
 STATIC_OPTIONS = (
     "block_size",
     "graft",
     "precondition_every",
     "statistics_every",
     "start_preconditioning_step",
+    "refresh",
     "root_method",
     "exponent_override",
     "nesterov",
@@ -94,8 +113,22 @@ STATIC_OPTIONS = (
     "max_precondition_dim",
     "skip_nonfinite",
     "shard_axes",
+    "layer_axes",
     "mu_dtype",
+    "preconditioner_dtype",
+    "mask",
 )
+
+
+class _Floats(NamedTuple):
+  """The float options, as float32 scalars inside the update."""
+
+  b1: Any
+  b2: Any
+  matrix_eps: Any
+  graft_eps: Any
+  graft_b2: Any
+  max_root_error: Any
 
 
 def _is_traced(value) -> bool:
@@ -127,7 +160,8 @@ def _static_int(name: str, value, minimum: int, allow_none: bool = False):
   return value
 
 
-def _check_range(name: str, value, low: float, high: float | None = None):
+def _check_range(name: str, value, low: float, high: float | None = None,
+                 high_open: bool = False):
   """Checks a float option when it is a concrete number (not traced)."""
   if _is_traced(value):
     return
@@ -138,58 +172,293 @@ def _check_range(name: str, value, low: float, high: float | None = None):
   except (TypeError, ValueError):
     raise TypeError(f"{name} must be a float, got {value!r}.") from None
   upper = np.inf if high is None else high
-  if not low <= number <= upper:
-    accepted = f"[{low}, {high}]" if high is not None else f">= {low}"
+  if not (low <= number < upper if high_open else low <= number <= upper):
+    accepted = (f">= {low}" if high is None
+                else f"[{low}, {high})" if high_open else f"[{low}, {high}]")
     raise ValueError(f"{name} must be in {accepted}, got {value!r}.")
 
 
 def _check_choice(name: str, value, choices):
-  if value not in choices:
+  if not isinstance(value, (str, bool)) or value not in choices:
     raise ValueError(
         f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}."
     )
 
 
-def _check_leaves(leaves_with_paths, what: str):
-  for path, leaf in leaves_with_paths:
-    dtype = jnp.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
+def _check_dtype(name: str, value):
+  if value is None:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    raise TypeError(f"{name} must be a dtype or None, got {value!r}.") from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating dtype or None, got {dtype}.")
+  return dtype
+
+
+def _as_leaves(tree, what: str):
+  """Flattens ``tree``; Python and NumPy scalars become arrays."""
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  leaves = []
+  for path, leaf in with_paths:
+    if not hasattr(leaf, "dtype"):
+      leaf = jnp.asarray(leaf)
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise TypeError(
           f"scale_by_shampoo: {what} {jax.tree_util.keystr(path)} has dtype"
-          f" {dtype}; Shampoo needs real floating-point {what}s (float32,"
-          " bfloat16, float16). Exclude it with optax.masked or"
-          " optax.partition."
-      )
+          f" {leaf.dtype}; Shampoo needs real floating-point {what}s"
+          " (float32, bfloat16, float16, float64). Exclude it with"
+          " optax.masked or optax.partition.")
+    leaves.append(leaf)
+  return [p for p, _ in with_paths], leaves, treedef
 
 
-def _stats_contribution(block: jax.Array, axis: int) -> jax.Array:
-  """``G_(axis) G_(axis)^T`` for each block of ``[N, b_1, ..., b_k]``."""
-  letters = _LETTERS[: block.ndim - 1]
-  other = letters.replace(letters[axis], "y")
-  out = "z" + letters[axis] + "y"
-  return jnp.einsum(
-      f"z{letters},z{other}->{out}", block, block, precision=_HIGHEST
-  )
+def _resolve_layer_axes(layer_axes, tree, paths, leaves, treedef):
+  """``layer_axes`` as one sorted tuple of non-negative axes per leaf."""
+  if layer_axes is None:
+    return ((),) * len(leaves)
+  spec = layer_axes(tree) if callable(layer_axes) else layer_axes
+  try:
+    per_leaf = treedef.flatten_up_to(spec)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "layer_axes must be None, a pytree with the structure of the params"
+        " whose leaves are an int, a tuple of ints or None, or a callable of"
+        f" the params returning one; got {spec!r} ({e}).") from None
+  resolved = []
+  for path, leaf, axes in zip(paths, leaves, per_leaf):
+    axes = () if axes is None else (axes,) if isinstance(
+        axes, (int, np.integer)) else axes
+    name = jax.tree_util.keystr(path)
+    if not isinstance(axes, (tuple, list)) or not all(
+        isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+        and -leaf.ndim <= a < leaf.ndim for a in axes):
+      raise ValueError(
+          f"layer_axes of {name} (shape {tuple(leaf.shape)}) must be None, an"
+          f" int or a tuple of ints in [-{leaf.ndim}, {leaf.ndim}), got"
+          f" {axes!r}.")
+    axes = tuple(sorted(int(a) % leaf.ndim for a in axes))
+    if len(set(axes)) != len(axes):
+      raise ValueError(f"layer_axes of {name} repeats an axis: {axes!r}.")
+    resolved.append(axes)
+  return tuple(resolved)
 
 
-def _apply_factor(block: jax.Array, root: jax.Array, axis: int) -> jax.Array:
+# ---------------------------------------------------------------------------
+# Stages of the update. Each takes the static plan and per-family or
+# per-factor lists of arrays.
+
+
+def _all_finite(stacked) -> jax.Array:
+  """Whether every gradient is finite and its squares do not overflow."""
+  # A finite sum of squares bounds every entry of G G^T and of g^2, so the
+  # statistics and accumulators cannot overflow either. The sqrt changes no
+  # answer; XLA deems it expensive and computes it once, where it would copy
+  # a chain of cheap scalar adds into every fusion that selects on it.
+  total = sum((jnp.sum(jnp.square(x)) for x in stacked),
+              jnp.zeros([], jnp.float32))
+  return jnp.isfinite(jnp.sqrt(total))
+
+
+def _gram(block: jax.Array, axis: int, nbatch: int) -> jax.Array:
+  """Packed ``G_(axis) G_(axis)^T`` of every block ``[*batch, *block]``."""
+  x = jnp.moveaxis(block, nbatch + axis, nbatch)
+  x = x.reshape(x.shape[:nbatch + 1] + (-1,))
+  return _symmetric.packed_gram(x, precision=_HIGHEST)
+
+
+def _apply_root(block: jax.Array, root: jax.Array, axis: int,
+                nbatch: int) -> jax.Array:
   """Multiplies axis ``axis`` of every block by its (symmetric) root."""
-  letters = _LETTERS[: block.ndim - 1]
-  out = letters.replace(letters[axis], "y")
-  return jnp.einsum(
-      f"zy{letters[axis]},z{letters}->z{out}", root, block, precision=_HIGHEST
-  )
+  batch = _LETTERS[:nbatch]
+  dims = _LETTERS[nbatch:block.ndim]
+  out = dims.replace(dims[axis], "z")
+  return jnp.einsum(f"{batch}z{dims[axis]},{batch}{dims}->{batch}{out}", root,
+                    block, precision=_HIGHEST)
 
 
-def _inverse_root_rows(stat, ridge_epsilon, *, p, method):
-  return _roots.inverse_pth_root(
-      stat, p, method=method, ridge_epsilon=ridge_epsilon
-  )
+def _gradient_blocks(plan, stacked, specs):
+  """Blocks of every piece of every preconditioned family, pinned."""
+  out = {}
+  for index, factor in enumerate(plan.factors):
+    key = (factor.family, factor.piece)
+    if key not in out:
+      piece = plan.families[factor.family].pieces[factor.piece]
+      out[key] = _sharding.constrain(
+          _blocks.blocks_of(stacked[factor.family], piece), specs[index])
+  return out
 
 
-def _global_norm_ratio(numerator: jax.Array, denominator: jax.Array):
-  num, den = jnp.linalg.norm(numerator), jnp.linalg.norm(denominator)
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+def _update_statistics(plan, blocks, stats, update_now, b2, specs):
+  """``S <- b2 S + (1 - b2) G G^T`` for every factor, where ``update_now``."""
+
+  def contributions(blocks):
+    return [
+        _sharding.constrain(
+            _gram(blocks[(f.family, f.piece)], f.axis, len(f.batch_shape)),
+            spec)
+        for f, spec in zip(plan.factors, specs)
+    ]
+
+  # The cond yields zeros when not updating and the selection happens
+  # outside: a cond branch that passes a large operand through is a slow
+  # copy on CPU, an elementwise select is not.
+  grams = jax.lax.cond(update_now, contributions,
+                       lambda _: [jnp.zeros_like(s) for s in stats], blocks)
+  return [jnp.where(update_now, _grafting.ema(old, new, b2), old)
+          for old, new in zip(stats, grams)]
+
+
+def _share(rows: int, phase, num_phases: int):
+  """``(start, size)``: share ``phase`` of ``rows`` cut into ``num_phases``.
+
+  The shares are contiguous and of equal size (the last one overlaps its
+  neighbour rather than being short), so that every row falls in at least
+  one share and every share costs the same.
+  """
+  size = -(-rows // num_phases)
+  return jnp.minimum(phase * size, rows - size), size
+
+
+def _rows(array: jax.Array, nbatch: int) -> jax.Array:
+  """``array`` with its ``nbatch`` leading axes flattened into one."""
+  batch = array.shape[:nbatch]
+  return array.reshape((math.prod(batch),) + array.shape[nbatch:])
+
+
+def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,
+                   specs, *, num_phases, root_method):
+  """Recomputes the roots of phases ``[lo, hi)`` of every device's rows.
+
+  Every factor's rows (on each device, its own) are cut into ``num_phases``
+  equal shares (`_share`); phase ``k`` recomputes share ``k`` of every
+  factor, so each phase costs about ``1 / num_phases`` of a full refresh
+  (a ``d x d`` root costs about ``d^3``, and every size is split alike).
+  The shares of all factors with the same ``(d, p)`` form one batched root
+  call. A root that is not finite or whose error exceeds ``max_root_error``
+  is rejected and the previous one kept.
+
+  Returns:
+    New roots, new ``refreshed_at``, and per row the error of the root
+    computed in this call (0 where none was) and whether it was rejected.
+  """
+  buckets = {}
+  for index, factor in enumerate(plan.factors):
+    buckets.setdefault((factor.dim, factor.exponent), []).append(index)
+  nbatch = [len(f.batch_shape) for f in plan.factors]
+
+  def body(arrays, replicated):
+    stats, roots, refreshed_at = arrays
+    (lo, hi), count, eps, max_error = replicated
+    # Flat [rows, ...] views: rows are what the shares cut.
+    stats = [_rows(x, n) for x, n in zip(stats, nbatch)]
+    flat = lambda xs: [_rows(x, n) for x, n in zip(xs, nbatch)]
+    shapes = [x.shape for x in refreshed_at]
+
+    def phase(k, carry):
+      roots, refreshed_at, errors, rejected = [list(c) for c in carry]
+      for (dim, p), members in buckets.items():
+        shares = [_share(stats[i].shape[0], k, num_phases) for i in members]
+        take = lambda x, start, size: jax.lax.dynamic_slice_in_dim(
+            x, start, size)
+        result = _roots.stacked_inverse_pth_root(
+            _symmetric.unpack(jnp.concatenate([
+                take(stats[i], *share) for i, share in zip(members, shares)
+            ]), dim),
+            p, method=root_method, ridge_epsilon=eps)
+        new_roots = _symmetric.pack(result.root)
+        ok = jnp.isfinite(result.error) & (result.error <= max_error)
+        offset = 0
+        for i, (start, size) in zip(members, shares):
+          part = slice(offset, offset + size)
+          offset += size
+          put = lambda x, rows, start=start: (
+              jax.lax.dynamic_update_slice_in_dim(x, rows, start, 0))
+          old = take(roots[i], start, size)
+          keep = ok[part].reshape((size,) + (1,) * (old.ndim - 1))
+          roots[i] = put(roots[i], jnp.where(
+              keep, new_roots[part].astype(old.dtype), old))
+          refreshed_at[i] = put(refreshed_at[i], jnp.where(
+              ok[part], count, take(refreshed_at[i], start, size)))
+          errors[i] = put(errors[i], result.error[part])
+          rejected[i] = put(rejected[i], ~ok[part])
+      return roots, refreshed_at, errors, rejected
+
+    zeros = lambda dtype: [jnp.zeros(x.shape[:1], dtype)
+                           for x in flat(refreshed_at)]
+    out = jax.lax.fori_loop(
+        lo, hi, phase,
+        (flat(roots), flat(refreshed_at), zeros(jnp.float32),
+         zeros(jnp.bool_)))
+    roots_shapes = [x.shape for x in arrays[1]]
+    return tuple(
+        [x.reshape(shape) for x, shape in zip(xs, shapes_of)]
+        for xs, shapes_of in zip(out, (roots_shapes, shapes, shapes, shapes)))
+
+  return _sharding.map_blocks(
+      body, specs, (list(stats), list(roots), list(refreshed_at)),
+      (phases, count, floats.matrix_eps, floats.max_root_error),
+      num_outputs=4)
+
+
+def _precondition(plan, blocks, roots, specs):
+  """``G x_1 S_1^(-1/p) ... x_k S_k^(-1/p)`` of every block, per family."""
+  out = {}
+  for (family, piece), block in blocks.items():
+    for index, factor in plan.factors_of(family):
+      if factor.piece != piece:
+        continue
+      root = _symmetric.unpack(roots[index], factor.dim).astype(jnp.float32)
+      block = _sharding.constrain(
+          _apply_root(block, root, factor.axis, len(factor.batch_shape)),
+          specs[index])
+    out[(family, piece)] = block
+  return {
+      f: _blocks.assemble([out[(f, p)] for p in range(len(fam.pieces))],
+                          fam.pieces)
+      for f, fam in enumerate(plan.families) if fam.preconditioned
+  }
+
+
+def _unit_norm(x: jax.Array) -> jax.Array:
+  """Frobenius norm of each unit of ``[n, ...]``, shaped to broadcast."""
+  axes = tuple(range(1, x.ndim))
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
+
+
+def _graft(plan, grafted, preconditioned, use_shampoo, graft: str):
+  """Each unit's Shampoo direction at the norm of its grafted direction."""
+  directions = []
+  for f, (fam, graft_dir) in enumerate(zip(plan.families, grafted)):
+    if not fam.preconditioned:  # Diagonal: the grafted optimizer alone.
+      directions.append(graft_dir)
+      continue
+    shampoo_dir = preconditioned[f]
+    if graft != "none":
+      num, den = _unit_norm(graft_dir), _unit_norm(shampoo_dir)
+      shampoo_dir = shampoo_dir * jnp.where(
+          den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+    directions.append(jnp.where(use_shampoo, shampoo_dir, graft_dir))
+  return directions
+
+
+def _momentum(directions, mus, step, b1, *, nesterov: bool, heavy_ball: bool):
+  """Momentum on the grafted directions: new directions and new buffers."""
+  if heavy_ball:
+    mus = [b1 * m + d for m, d in zip(mus, directions)]
+    return [d + b1 * m if nesterov else m
+            for m, d in zip(mus, directions)], mus
+  mus = [_grafting.ema(m, d, b1) for m, d in zip(mus, directions)]
+  if nesterov:
+    # Nesterov's look-ahead: one more average with the fresh direction.
+    return [_grafting.ema(m, d, b1) / _grafting.bias_correction(b1, step + 1)
+            for m, d in zip(mus, directions)], mus
+  scale = _grafting.bias_correction(b1, step)
+  return [m / scale for m in mus], mus
+
+
+# ---------------------------------------------------------------------------
 
 
 def scale_by_shampoo(
@@ -203,6 +472,7 @@ def scale_by_shampoo(
     precondition_every: int = 20,
     statistics_every: int = 1,
     start_preconditioning_step: int = 1,
+    refresh: str = "all",
     root_method: str = "auto",
     exponent_override: int | None = None,
     nesterov: bool = False,
@@ -211,7 +481,9 @@ def scale_by_shampoo(
     max_root_error: float = 0.5,
     skip_nonfinite: bool = True,
     shard_axes: _sharding.ShardAxes = None,
+    layer_axes: Any = None,
     mu_dtype: Any = None,
+    preconditioner_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Shampoo's Kronecker-factored preconditioner.
 
@@ -226,7 +498,8 @@ def scale_by_shampoo(
     D = G \times_1 \hat S_1^{-1/p} \times_2 \dots \times_k \hat S_k^{-1/p},
     \qquad \hat S = S + \epsilon\, \lambda_{max}(S)\, I,\quad p = 2k,
 
-  rescaled per leaf to the norm of the grafted optimizer's direction, then
+  rescaled per unit (a leaf, or a layer of a stacked leaf, see
+  ``layer_axes``) to the norm of the grafted optimizer's direction, then
   momentum. For a matrix this is :math:`\hat L^{-1/4} G \hat R^{-1/4}`. The
   result has the gradient's sign (apply ``-learning_rate`` after it, as
   `shampoo` does).
@@ -234,26 +507,33 @@ def scale_by_shampoo(
   Args:
     block_size: largest side of a preconditioned block; larger dims are cut
       into blocks, adjacent small dims of rank >= 3 tensors are merged.
-    b1: momentum decay; 0 disables momentum.
+    b1: momentum decay in ``[0, 1)``; 0 disables momentum.
     b2: decay of the statistics; 1.0 accumulates plain sums (the paper).
     matrix_eps: ridge :math:`\epsilon`, relative to the largest eigenvalue.
     graft: grafted optimizer, one of ``"adam"``, ``"rmsprop"``,
       ``"adagrad"``, ``"sgd"``, their ``"*_normalized"`` variants, or
-      ``"none"`` (Shampoo's own step size).
+      ``"none"`` (Shampoo's own step size; diagonal units then get the plain
+      gradient, as with ``"sgd"``).
     graft_eps: :math:`\epsilon` of the grafted optimizer.
     graft_b2: second-moment decay of the grafted optimizer; ``None`` uses
       ``b2``.
-    precondition_every: steps between recomputations of the inverse roots.
+    precondition_every: steps between recomputations of each inverse root.
     statistics_every: steps between statistics updates.
     start_preconditioning_step: before this step (0-based) the grafted
-      optimizer alone drives the update.
+      optimizer alone drives the update; at this step every root is
+      computed.
+    refresh: ``"all"`` recomputes every root on one step in
+      ``precondition_every``; ``"staggered"`` recomputes a
+      ``1 / precondition_every`` share of each device's roots on every step
+      (each root still every ``precondition_every`` steps), so no step
+      stalls.
     root_method: ``"eigh"``, ``"newton"`` (coupled Newton iteration) or
       ``"auto"`` (the faster on the current backend).
     exponent_override: use :math:`S^{-1/p}` with this ``p`` for every factor.
     nesterov: Nesterov momentum.
     heavy_ball: ``m = b1 m + u`` instead of the (bias-corrected) average
       ``m = b1 m + (1 - b1) u``.
-    max_precondition_dim: leaves with a dim above this (e.g. embedding
+    max_precondition_dim: units with a dim above this (e.g. embedding
       tables) get only the grafted (diagonal) optimizer.
     max_root_error: a new root whose error
       :math:`\max|X^p \hat S - I|` exceeds this (or is not finite) is
@@ -262,9 +542,17 @@ def scale_by_shampoo(
       overflows float32 (``|g|_F > ~1.8e19``, which would make the statistics
       infinite), return a zero update and leave the state unchanged (counted
       in ``diagnostics.nonfinite_steps``).
-    shard_axes: mesh axis name(s) over which the stacked statistics and roots
-      are split; ``None`` keeps them whole on every device.
+    shard_axes: mesh axis name(s) over which the factors are split (on top
+      of following the parameters' own shardings, see `_sharding`); ``None``
+      splits them only as the parameters are split.
+    layer_axes: which axes of a leaf index independent stacked layers (e.g.
+      0 for an ``nn.scan`` kernel ``[L, d_in, d_out]``): ``None`` (none), a
+      pytree like the params of ``int`` / ``tuple[int, ...]`` / ``None``, or
+      a callable of the params returning one. Each slice is preconditioned
+      exactly as if it were a leaf of its own.
     mu_dtype: dtype of the momentum; ``None`` uses the parameters' dtype.
+    preconditioner_dtype: storage dtype of the inverse roots (e.g.
+      ``jnp.bfloat16`` halves them); the statistics are always float32.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a `ShampooState`.
@@ -273,15 +561,12 @@ def scale_by_shampoo(
   precondition_every = _static_int("precondition_every", precondition_every, 1)
   statistics_every = _static_int("statistics_every", statistics_every, 1)
   start_preconditioning_step = _static_int(
-      "start_preconditioning_step", start_preconditioning_step, 0
-  )
+      "start_preconditioning_step", start_preconditioning_step, 0)
   exponent_override = _static_int(
-      "exponent_override", exponent_override, 1, allow_none=True
-  )
+      "exponent_override", exponent_override, 1, allow_none=True)
   max_precondition_dim = _static_int(
-      "max_precondition_dim", max_precondition_dim, 1
-  )
-  _check_range("b1", b1, 0.0, 1.0)
+      "max_precondition_dim", max_precondition_dim, 1)
+  _check_range("b1", b1, 0.0, 1.0, high_open=True)
   _check_range("b2", b2, 0.0, 1.0)
   if graft_b2 is None:
     graft_b2 = b2
@@ -290,55 +575,54 @@ def scale_by_shampoo(
   _check_range("graft_eps", graft_eps, 0.0)
   _check_range("max_root_error", max_root_error, 0.0)
   _check_choice("graft", graft, _grafting.GRAFTS)
+  _check_choice("refresh", refresh, REFRESH_MODES)
   _check_choice("root_method", root_method, _roots.ROOT_METHODS)
   for name, flag in (("nesterov", nesterov), ("heavy_ball", heavy_ball),
                      ("skip_nonfinite", skip_nonfinite)):
-    _check_choice(name, flag, (True, False))
-  use_momentum = _is_traced(b1) or not (
-      isinstance(b1, (int, float)) and float(b1) == 0.0
-  )
-  if mu_dtype is not None:
-    try:
-      mu_dtype = jnp.dtype(mu_dtype)
-    except TypeError:
-      raise TypeError(
-          f"mu_dtype must be a dtype or None, got {mu_dtype!r}.") from None
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(f"{name} must be True or False, got {flag!r}.")
+  shard_axes = _sharding.check_shard_axes(shard_axes)
+  if not (layer_axes is None or callable(layer_axes)
+          or jax.tree.leaves(layer_axes) or layer_axes == {}):
+    raise ValueError("layer_axes must be None, a pytree of axes or a callable,"
+                     f" got {layer_axes!r}.")
+  mu_dtype = _check_dtype("mu_dtype", mu_dtype)
+  preconditioner_dtype = _check_dtype("preconditioner_dtype",
+                                      preconditioner_dtype)
+  if preconditioner_dtype is None:
+    raise TypeError("preconditioner_dtype must be a floating dtype.")
+  use_momentum = _is_traced(b1) or float(b1) != 0.0
+  num_phases = precondition_every if refresh == "staggered" else 1
+  floats = _Floats(b1, b2, matrix_eps, graft_eps, graft_b2, max_root_error)
 
-  def make_plan(leaves) -> _blocks.Plan:
-    return _blocks.make_plan(
-        tuple(tuple(leaf.shape) for leaf in leaves),
-        block_size,
-        max_precondition_dim,
-        exponent_override,
-        _sharding.shard_count(shard_axes),
-    )
-
-  def constrain(stacks):
-    return tuple(_sharding.constrain(x, shard_axes) for x in stacks)
+  def plan_for(tree):
+    paths, leaves, treedef = _as_leaves(tree, "update")
+    axes = _resolve_layer_axes(layer_axes, tree, paths, leaves, treedef)
+    plan = _blocks.make_plan(tuple(tuple(x.shape) for x in leaves), axes,
+                             block_size, max_precondition_dim,
+                             exponent_override)
+    return plan, paths, leaves, treedef
 
   def init_fn(params):
-    _check_leaves(jax.tree_util.tree_leaves_with_path(params), "parameter")
-    plan = make_plan(jax.tree.leaves(params))
-    stats = constrain(
-        jnp.zeros(shape, jnp.float32) for shape in plan.bucket_shapes
-    )
-    preconditioners = constrain(
-        jnp.broadcast_to(jnp.eye(shape[-1], dtype=jnp.float32), shape)
-        for shape in plan.bucket_shapes
-    )
+    plan, _, leaves, treedef = plan_for(params)
+    specs = _sharding.factor_batch_specs(
+        plan, [_sharding.leaf_spec(x) for x in leaves], shard_axes)
+    eye = lambda f: _symmetric.pack(jnp.eye(f.dim, dtype=preconditioner_dtype))
+    place = lambda xs: tuple(_sharding.constrain(x, s)
+                             for x, s in zip(xs, specs))
     # zeros_like keeps each parameter's sharding (explicit mode).
-    f32_zeros = lambda p: jnp.zeros_like(p, dtype=jnp.float32)
+    per_leaf = lambda dtype: jax.tree.unflatten(treedef, [
+        jnp.zeros_like(x, dtype=dtype or x.dtype) for x in leaves])
     return ShampooState(
         count=jnp.zeros([], jnp.int32),
-        stats=stats,
-        preconditioners=preconditioners,
-        graft=jax.tree.map(f32_zeros, params)
-        if _grafting.has_accumulator(graft)
+        stats=place(jnp.zeros(f.shape, jnp.float32) for f in plan.factors),
+        preconditioners=place(jnp.broadcast_to(eye(f), f.shape)
+                              for f in plan.factors),
+        refreshed_at=place(jnp.full(f.batch_shape, -1, jnp.int32)
+                           for f in plan.factors),
+        graft=per_leaf(jnp.float32) if _grafting.has_accumulator(graft)
         else None,
-        mu=jax.tree.map(
-            lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype), params)
-        if use_momentum
-        else None,
+        mu=per_leaf(mu_dtype) if use_momentum else None,
         diagnostics=ShampooDiagnostics(
             root_failures=jnp.zeros([], jnp.int32),
             max_root_error=jnp.zeros([], jnp.float32),
@@ -347,233 +631,159 @@ def scale_by_shampoo(
         ),
     )
 
-  def update_stats(plan, blocks, stats):
-    if shard_axes is not None:  # Each device computes only its own rows.
-      return constrain(
-          _grafting.ema(old, new, b2) for old, new in zip(
-              stats, _sharding.owned_contributions(
-                  plan, blocks, _stats_contribution, shard_axes)))
-    contributions = {key: [] for key in plan.buckets}
-    for group, factors in plan.factors.items():
-      for factor in factors:
-        contributions[factor.bucket].append(
-            (factor.offset, _stats_contribution(blocks[group], factor.axis))
-        )
-    new_stats = []
-    for (key, length), old in zip(plan.buckets.items(), stats):
-      parts = [c for _, c in sorted(contributions[key], key=lambda x: x[0])]
-      used = sum(c.shape[0] for c in parts)
-      if used < length:  # Inert padding for sharding.
-        parts.append(jnp.zeros((length - used,) + old.shape[1:], jnp.float32))
-      new_stats.append(_grafting.ema(old, jnp.concatenate(parts), b2))
-    return constrain(new_stats)
-
-  def candidate_roots(plan, stats):
-    results = []
-    uses_eigh = (root_method if root_method != "auto"
-                 else _roots.default_root_method()) == "eigh"
-    for (_, p), stat in zip(plan.buckets, stats):
-      # Each device inverts only its own rows of the stack.
-      results.append(_sharding.map_stacks(
-          functools.partial(_inverse_root_rows, p=p, method=root_method),
-          shard_axes, num_replicated=1, calls_lapack=uses_eigh,
-      )(stat, jnp.asarray(matrix_eps, jnp.float32)))
-    return results
-
-  def refresh(plan, is_refresh, stats, preconditioners, diagnostics, count):
-    """New roots where ``is_refresh`` and the root is acceptable."""
-    # The cond yields zeros when not refreshing and the selection happens
-    # outside: a cond branch that passes a large operand through is a slow
-    # copy on CPU, an elementwise select is not.
-    candidates = jax.lax.cond(
-        is_refresh,
-        functools.partial(candidate_roots, plan),
-        lambda s: [_roots.InverseRootResult(jnp.zeros_like(x),
-                                            jnp.zeros(x.shape[:1]))
-                   for x in s],
-        stats,
-    )
-    roots, failures, max_error = [], 0, jnp.zeros([], jnp.float32)
-    for result, old in zip(candidates, preconditioners):
-      ok = jnp.isfinite(result.error) & (result.error <= max_root_error)
-      roots.append(jnp.where((is_refresh & ok)[:, None, None], result.root,
-                             old))
-      failures += jnp.sum(is_refresh & ~ok, dtype=jnp.int32)
-      max_error = jnp.maximum(
-          max_error, jnp.max(jnp.where(jnp.isnan(result.error), jnp.inf,
-                                       result.error))
-      )
-    return constrain(roots), diagnostics._replace(
-        root_failures=diagnostics.root_failures + failures,
-        max_root_error=jnp.where(is_refresh, max_error,
-                                 diagnostics.max_root_error),
-        last_refresh_step=jnp.where(is_refresh, count,
-                                    diagnostics.last_refresh_step),
-    )
-
-  def precondition(plan, blocks, preconditioners):
-    # With shard_axes, the blocks of each group are split in D chunks, each
-    # factor's roots are moved to the chunk owners (collective-permutes), each
-    # device preconditions its chunk, and the results are gathered: the one
-    # collective that carries the update. Without, both pins do nothing.
-    split = functools.partial(_sharding.constrain, shard_axes=shard_axes)
-    index = dict(zip(plan.buckets, preconditioners))
-    out = {}
-    for group, block in blocks.items():
-      block = split(_sharding.replicate(block, shard_axes))
-      for factor in plan.factors[group]:
-        root = index[factor.bucket][factor.offset : factor.offset + len(block)]
-        block = split(_apply_factor(block, split(root), factor.axis))
-      out[group] = _sharding.replicate(block, shard_axes)
-    return out
-
-  def update_core(updates, state):
-    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    _check_leaves(leaves_with_paths, "update")
-    leaves = [leaf for _, leaf in leaves_with_paths]
-    plan = make_plan(leaves)
-    # Per-leaf state (if any) records the tree given to init.
+  def check_state(plan, paths, leaves, treedef, state):
+    expected = [f.shape for f in plan.factors]
+    got = [tuple(s.shape) for s in state.stats]
+    for name, field, wanted in (("graft", state.graft,
+                                 _grafting.has_accumulator(graft)),
+                                ("b1", state.mu, use_momentum)):
+      if (field is not None) != wanted:
+        value = graft if name == "graft" else b1
+        raise ValueError(
+            f"scale_by_shampoo: the state was made with another {name}:"
+            f" {name}={value!r} {'needs' if wanted else 'has no'} per-leaf"
+            f" {'accumulators' if name == 'graft' else 'momentum'}, the state"
+            f" {'has none' if wanted else 'has them'}. Call init again with"
+            " this transformation.")
     per_leaf = state.graft if state.graft is not None else state.mu
-    if tuple(s.shape for s in state.stats) != plan.bucket_shapes or (
-        per_leaf is not None
-        and (jax.tree.structure(per_leaf) != treedef
-             or [tuple(x.shape) for x in jax.tree.leaves(per_leaf)]
-             != [tuple(x.shape) for x in leaves])
-    ):
+    if per_leaf is not None and (
+        jax.tree.structure(per_leaf) != treedef
+        or [tuple(x.shape) for x in jax.tree.leaves(per_leaf)]
+        != [tuple(x.shape) for x in leaves]):
       raise ValueError(
-          "scale_by_shampoo: the updates do not match the tree given to"
-          " init (different structure or leaf shapes): got leaf shapes"
-          f" {[(jax.tree_util.keystr(k), tuple(x.shape)) for k, x in leaves_with_paths]}"
-          + ("" if per_leaf is None else ", init leaf shapes"
-             f" {[(jax.tree_util.keystr(k), tuple(x.shape)) for k, x in jax.tree_util.tree_leaves_with_path(per_leaf)]}")
-          + f", state statistics {[tuple(s.shape) for s in state.stats]}."
-      )
-    grads = [g.astype(jnp.float32) for g in leaves]
+          "scale_by_shampoo: the updates do not match the tree given to init"
+          " (structure or leaf shapes): got "
+          f"{[(jax.tree_util.keystr(k), tuple(x.shape)) for k, x in zip(paths, leaves)]},"
+          " init had "
+          f"{[(jax.tree_util.keystr(k), tuple(x.shape)) for k, x in jax.tree_util.tree_leaves_with_path(per_leaf)]}.")
+    if got != expected:
+      raise ValueError(
+          "scale_by_shampoo: the state's statistics have shapes"
+          f" {got}, but these options and updates need {expected}: the state"
+          " was made with other options (block_size, max_precondition_dim,"
+          " exponent_override, layer_axes) or for other parameters. Call"
+          " init with this transformation, or build it with the options the"
+          " state was made with.")
+
+  def update_core(leaves, state, floats, plan, specs, treedef):
+    floats = _Floats(*(jnp.asarray(x, jnp.float32) for x in floats))
     count = state.count
     step = optax.safe_increment(count)
-    if skip_nonfinite:
-      # A finite sum of squares bounds every entry of G G^T and of g^2, so
-      # the statistics and accumulators cannot overflow to inf either.
-      squares = [jnp.sum(jnp.square(g)) for g in grads]
-      # The squares are >= 0: the total is finite only when every leaf's is
-      # (a total overflowing float32 is skipped too, conservatively). The
-      # sqrt changes no answer; XLA deems it expensive and computes it once,
-      # where it would copy a chain of cheap scalar adds into every per-leaf
-      # select fusion (compiled size quadratic in the number of leaves).
-      finite = jnp.isfinite(jnp.sqrt(sum(squares, jnp.zeros([]))))
-      # Non-finite values reach only results that are discarded below (the
-      # statistics and roots are behind conds on `finite`).
-    else:
-      finite = jnp.array(True)
+    stacked = [plan.stack([g.astype(jnp.float32) for g in leaves], f)
+               for f in range(len(plan.families))]
+    finite = _all_finite(stacked) if skip_nonfinite else jnp.array(True)
+    # Non-finite values reach only results that are discarded below.
 
-    blocks = plan.stack(grads) if plan.groups else {}
-    update_stats_now = finite & (count % statistics_every == 0)
-    new_stats = jax.lax.cond(
-        update_stats_now,
-        functools.partial(update_stats, plan, blocks),
-        lambda s: tuple(jnp.zeros_like(x) for x in s),
-        state.stats,
-    )
-    stats = constrain(jnp.where(update_stats_now, new, old)
-                      for new, old in zip(new_stats, state.stats))
+    blocks = _gradient_blocks(plan, stacked, specs)
+    stats = _update_statistics(
+        plan, blocks, list(state.stats),
+        finite & (count % statistics_every == 0), floats.b2, specs)
+
     use_shampoo = count >= start_preconditioning_step
-    is_refresh = (
-        finite
-        & use_shampoo
-        & ((count - start_preconditioning_step) % precondition_every == 0)
-    )
-    preconditioners, diagnostics = refresh(
-        plan, is_refresh, stats, state.preconditioners, state.diagnostics,
-        count)
-    shampoo_blocks = jax.lax.cond(
-        use_shampoo,
-        functools.partial(precondition, plan),
-        lambda b, _: jax.tree.map(jnp.zeros_like, b),
-        blocks,
-        preconditioners,
-    )
-    shampoo_directions = plan.unstack(shampoo_blocks)
-
-    grafted = _grafting.graft_direction(
-        graft,
-        grads,
-        None if state.graft is None else jax.tree.leaves(state.graft),
-        step,
-        graft_b2,
-        graft_eps,
-    )
-    directions = []
-    for g, graft_dir, shampoo_dir in zip(
-        grads, grafted.direction, shampoo_directions
-    ):
-      if shampoo_dir is None:  # Diagonal leaf: the grafted optimizer alone.
-        directions.append(graft_dir)
-        continue
-      if graft != "none":
-        shampoo_dir *= _global_norm_ratio(graft_dir, shampoo_dir)
-      directions.append(jnp.where(use_shampoo, shampoo_dir, graft_dir))
-
-    if use_momentum:
-      mus = [m.astype(jnp.float32) for m in jax.tree.leaves(state.mu)]
-      if heavy_ball:
-        mus = [b1 * m + d for m, d in zip(mus, directions)]
-        directions = [
-            d + b1 * m if nesterov else m for m, d in zip(mus, directions)
-        ]
-      else:
-        mus = [_grafting.ema(m, d, b1) for m, d in zip(mus, directions)]
-        if nesterov:
-          # Nesterov's look-ahead: one more average with the fresh direction.
-          directions = [
-              _grafting.ema(m, d, b1) / _grafting.bias_correction(b1, step + 1)
-              for m, d in zip(mus, directions)
-          ]
-        else:
-          scale = _grafting.bias_correction(b1, step)
-          directions = [m / scale for m in mus]
-      mu = jax.tree.unflatten(
-          treedef,
-          [m.astype(old.dtype)
-           for m, old in zip(mus, jax.tree.leaves(state.mu))],
-      )
+    since_start = count - start_preconditioning_step
+    first = finite & (since_start == 0)
+    if refresh == "staggered":
+      lo = jnp.where(first, 0, since_start % num_phases)
+      hi = jnp.where(first, num_phases, lo + 1)
+      active = finite & use_shampoo
     else:
-      mu = None
+      lo = jnp.zeros([], jnp.int32)
+      hi = jnp.ones([], jnp.int32)
+      active = finite & use_shampoo & (since_start % precondition_every == 0)
+    hi = jnp.where(active, hi, lo).astype(jnp.int32)
+    lo = lo.astype(jnp.int32)
+    roots, refreshed_at, errors, rejected = _refresh_roots(
+        plan, stats, state.preconditioners, state.refreshed_at, (lo, hi),
+        count, floats, specs, num_phases=num_phases, root_method=root_method)
 
+    preconditioned = jax.lax.cond(
+        use_shampoo,
+        functools.partial(_precondition, plan, specs=specs),
+        lambda b, _: {f: jnp.zeros_like(stacked[f])
+                      for f, fam in enumerate(plan.families)
+                      if fam.preconditioned},
+        blocks, roots)
+
+    accumulators = None
+    if state.graft is not None:
+      acc_leaves = jax.tree.leaves(state.graft)
+      accumulators = [plan.stack(acc_leaves, f)
+                      for f in range(len(plan.families))]
+    grafted = _grafting.graft_direction(graft, stacked, accumulators, step,
+                                        floats.graft_b2, floats.graft_eps)
+    directions = _graft(plan, grafted.direction, preconditioned, use_shampoo,
+                        graft)
+    mu = None
+    if use_momentum:
+      mu_leaves = jax.tree.leaves(state.mu)
+      mus = [plan.stack([m.astype(jnp.float32) for m in mu_leaves], f)
+             for f in range(len(plan.families))]
+      directions, mus = _momentum(directions, mus, step, floats.b1,
+                                  nesterov=nesterov, heavy_ball=heavy_ball)
+      mu = jax.tree.unflatten(treedef, [
+          m.astype(old.dtype)
+          for m, old in zip(plan.unstack_tree(mus), mu_leaves)])
+
+    refreshed = hi > lo
+    failures = sum((jnp.sum(r, dtype=jnp.int32) for r in rejected),
+                   jnp.zeros([], jnp.int32))
+    max_error = functools.reduce(jnp.maximum, (
+        jnp.max(jnp.where(jnp.isnan(e), jnp.inf, e), initial=0.0)
+        for e in errors), jnp.zeros([], jnp.float32))
+    old_diag = state.diagnostics
     new_state = ShampooState(
         count=step,
-        stats=stats,
-        preconditioners=preconditioners,
-        graft=None
-        if grafted.accumulators is None
-        else jax.tree.unflatten(treedef, grafted.accumulators),
+        stats=tuple(stats),
+        preconditioners=tuple(roots),
+        refreshed_at=tuple(refreshed_at),
+        graft=None if grafted.accumulators is None else jax.tree.unflatten(
+            treedef,
+            plan.unstack_tree(grafted.accumulators)),
         mu=mu,
-        diagnostics=diagnostics,
+        diagnostics=old_diag._replace(
+            root_failures=old_diag.root_failures + failures,
+            max_root_error=jnp.where(refreshed, max_error,
+                                     old_diag.max_root_error),
+            last_refresh_step=jnp.where(refreshed, count,
+                                        old_diag.last_refresh_step)),
     )
-    new_updates = [d.astype(g.dtype) for d, g in zip(directions, leaves)]
+    updates = [d.astype(g.dtype)
+               for d, g in zip(plan.unstack_tree(directions), leaves)]
     if skip_nonfinite:
-      # The statistics and roots are already guarded by their conds.
+      # The statistics and roots are already guarded (by update_now and
+      # empty refresh phases).
       keep_old = lambda new, old: jnp.where(finite, new, old)
       new_state = new_state._replace(
           count=keep_old(step, count),
           graft=jax.tree.map(keep_old, new_state.graft, state.graft),
           mu=jax.tree.map(keep_old, new_state.mu, state.mu),
           diagnostics=new_state.diagnostics._replace(
-              nonfinite_steps=state.diagnostics.nonfinite_steps
-              + (~finite).astype(jnp.int32)
-          ),
-      )
-      new_updates = [jnp.where(finite, u, jnp.zeros_like(u))
-                     for u in new_updates]
-    return jax.tree.unflatten(treedef, new_updates), new_state
+              nonfinite_steps=old_diag.nonfinite_steps
+              + (~finite).astype(jnp.int32)))
+      updates = [jnp.where(finite, u, jnp.zeros_like(u)) for u in updates]
+    return updates, new_state
 
   def update_fn(updates, state, params=None):
     del params
     if not isinstance(state, ShampooState):
       raise TypeError(
           "scale_by_shampoo: expected the ShampooState made by this"
-          f" transformation's init, got {type(state).__name__}."
-      )
-    return _sharding.in_auto_mode(update_core)(updates, state)
+          f" transformation's init, got {type(state).__name__}.")
+    plan, paths, leaves, treedef = plan_for(updates)
+    check_state(plan, paths, leaves, treedef, state)
+    if _sharding.explicit_axes_in_context():
+      # The split chosen at init is in the state's types.
+      specs = [_sharding.leaf_spec(s)[:len(f.batch_shape)]
+               for s, f in zip(state.stats, plan.factors)]
+    else:
+      specs = _sharding.factor_batch_specs(
+          plan, [(None,) * x.ndim for x in leaves], shard_axes)
+    # The float options are arguments, not closed over: under explicit
+    # sharding they must cross into `in_auto_mode` like every traced value.
+    core = functools.partial(update_core, plan=plan, specs=specs,
+                             treedef=treedef)
+    new_leaves, new_state = _sharding.in_auto_mode(core)(leaves, state, floats)
+    return jax.tree.unflatten(treedef, new_leaves), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -590,6 +800,7 @@ def shampoo(
     precondition_every: int = 20,
     statistics_every: int = 1,
     start_preconditioning_step: int = 1,
+    refresh: str = "all",
     root_method: str = "auto",
     exponent_override: int | None = None,
     nesterov: bool = False,
@@ -598,7 +809,9 @@ def shampoo(
     max_root_error: float = 0.5,
     skip_nonfinite: bool = True,
     shard_axes: _sharding.ShardAxes = None,
+    layer_axes: Any = None,
     mu_dtype: Any = None,
+    preconditioner_dtype: Any = jnp.float32,
     weight_decay: float = 0.0,
     mask: Any = None,
 ) -> optax.GradientTransformation:
@@ -617,9 +830,9 @@ def shampoo(
     learning_rate: float or ``optax.Schedule``.
     block_size, b1, b2, matrix_eps, graft, graft_eps, graft_b2,
       precondition_every, statistics_every, start_preconditioning_step,
-      root_method, exponent_override, nesterov, heavy_ball,
+      refresh, root_method, exponent_override, nesterov, heavy_ball,
       max_precondition_dim, max_root_error, skip_nonfinite, shard_axes,
-      mu_dtype: see `scale_by_shampoo`.
+      layer_axes, mu_dtype, preconditioner_dtype: see `scale_by_shampoo`.
     weight_decay: decoupled weight decay :math:`\lambda`.
     mask: where to apply weight decay.
 
@@ -639,6 +852,7 @@ def shampoo(
           precondition_every=precondition_every,
           statistics_every=statistics_every,
           start_preconditioning_step=start_preconditioning_step,
+          refresh=refresh,
           root_method=root_method,
           exponent_override=exponent_override,
           nesterov=nesterov,
@@ -647,7 +861,9 @@ def shampoo(
           max_root_error=max_root_error,
           skip_nonfinite=skip_nonfinite,
           shard_axes=shard_axes,
+          layer_axes=layer_axes,
           mu_dtype=mu_dtype,
+          preconditioner_dtype=preconditioner_dtype,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

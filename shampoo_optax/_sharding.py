@@ -1,65 +1,67 @@
 # Copyright 2026 The shampoo_optax Authors.
 # SPDX-License-Identifier: Apache-2.0
-"""How the stacked preconditioner state is split over a device mesh.
+"""Where the preconditioner state lives on a device mesh.
 
-Every stacked statistics or preconditioner array has shape ``[N, d, d]``;
-with ``shard_axes`` set, its leading axis is split over those mesh axes (``N``
-is padded to a multiple ``D`` of their total size with inert zero blocks, at
-most ``D - 1`` per bucket), so each device holds ``N / D`` matrices of every
-bucket and computes only their inverse roots (owner computes).
+A factor ``[n, *grid, *packed]`` (see `_blocks`) holds one matrix per block;
+its leading *batch* axes are the blocks' own. Each batch axis is split over
+mesh axes chosen once, from shapes and the parameters' shardings:
 
-The mesh comes from the context, ``jax.set_mesh(mesh)``, at trace time: with
-explicit axes (``jax.make_mesh(..., axis_types=(AxisType.Explicit,))``, the
-default) the stacks are placed with `jax.sharding.reshard` and the Shampoo
-arithmetic runs inside `jax.sharding.auto_axes` with the caller's types as
-output shardings, so every state leaf keeps its type across ``update``; with
-``Auto`` axes (the "pjit way": `jax.jit` with ``in_shardings`` /
-``out_shardings``) they are pinned with `jax.lax.with_sharding_constraint`.
+1. **Follow the parameter** (FSDP, tensor parallel). When a family has one
+   leaf whose dim is split over mesh axes ``A`` (explicit sharding: read
+   from the type), the block-grid axis cut from that dim is split over
+   ``A`` too, provided every device's shard is a whole number of blocks (the
+   grid is divisible by ``|A|`` and the dim has no remainder block). A
+   sharded layer axis likewise splits the units axis. The blocks a device
+   owns are then cut from its own shard of the gradient: statistics, roots
+   and preconditioning need no communication, and the update keeps the
+   parameter's sharding.
+2. **Split what is left over ``shard_axes``** (data parallel): the
+   ``shard_axes`` not used by step 1 split the first batch axis that is
+   still whole and divisible by their size. The update is then gathered
+   once (the only collective a data-parallel update needs).
+3. Otherwise the factor is whole on every device.
 
-Owner computes: row ``r`` of a bucket lives on device ``r // (N / D)``.
+Nothing is padded, so the state's shapes, and what a checkpoint holds, do
+not depend on the mesh. Within the jitted update every factor is pinned to
+its split, the roots of each device's blocks are computed under
+`jax.shard_map` (owner computes: a custom call such as LAPACK's ``eigh``
+would otherwise be free to be replicated), and no root ever moves.
 
-* statistics (`owned_contributions`, under `jax.shard_map`): each device adds
-  ``G G^T`` for its own rows only, from replicated gradient blocks;
-* roots (`map_stacks`, under `jax.shard_map`): each device inverts only its
-  ``[N / D, d, d]`` slice (the SPMD partitioner would be free to replicate a
-  custom call such as LAPACK's ``eigh``; ``shard_map`` takes that choice
-  away from it);
-* preconditioning (`constrain`/`replicate` around the batched products):
-  the blocks of each shape are split in ``D`` chunks, each factor's roots
-  are moved to the chunk owners, each device preconditions its chunk, and
-  the results are all-gathered into the update.
-
-Communication, read from the compiled step (8 simulated CPU devices,
-``tests/test_sharding.py`` and ``benchmarks/sharding_bench.py``; data
-parallel, 16 layers of 512 x 512, block 128, one bucket ``[512, 128, 128]``):
-
-* every step: collective-permutes of roots to the owners of their blocks
-  (``f32[64,128,128]`` + 3 x ``f32[32,128,128]``, 10 MiB per device), one
-  all-gather of the preconditioned blocks (``f32[256,128,128]``, the update
-  itself); a group with fewer blocks than devices is broadcast from its one
-  owner with an all-reduce of that block instead;
-* refresh steps: nothing more than two scalar all-reduces (failure count,
-  max root error);
-* FSDP parameters add the all-gather of the gradients into replicated
-  blocks (an all-to-all plus all-gather) and the scalar all-reduces of the
-  grafting norms.
-
-The statistics are never all-gathered, and no device ever holds a whole
-``[N, d, d]`` stack (checked on the compiled HLO by the tests).
+The mesh comes from ``jax.set_mesh(mesh)`` at trace time. With explicit axes
+the parameters' shardings are in their types and the Shampoo arithmetic runs
+inside `jax.sharding.auto_axes`, with the caller's types as output
+shardings; with ``Auto`` axes (the "pjit way", `jax.jit` with
+``in_shardings``/``out_shardings``) the parameters' shardings are not visible
+while tracing, so only step 2 applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 ShardAxes = str | tuple[str, ...] | None
+# One entry of a PartitionSpec: None, a mesh axis name, or a tuple of names.
+AxisEntry = str | tuple[str, ...] | None
+
+
+def check_shard_axes(shard_axes: Any) -> ShardAxes:
+  """Validates the ``shard_axes`` option (no mesh needed)."""
+  names = (shard_axes,) if isinstance(shard_axes, str) else shard_axes
+  if shard_axes is not None and not (
+      isinstance(names, tuple) and names
+      and all(isinstance(a, str) for a in names)
+      and len(set(names)) == len(names)):
+    raise TypeError(
+        "shard_axes must be None, a mesh axis name (str) or a non-empty tuple"
+        f" of distinct names, got {shard_axes!r}.")
+  return shard_axes
 
 
 def axis_names(shard_axes: ShardAxes) -> tuple[str, ...]:
@@ -69,235 +71,150 @@ def axis_names(shard_axes: ShardAxes) -> tuple[str, ...]:
   return (shard_axes,) if isinstance(shard_axes, str) else tuple(shard_axes)
 
 
-def _check_axes(shard_axes: ShardAxes, mesh, where: str):
-  names = axis_names(shard_axes)
-  if any(not isinstance(a, str) for a in names) or len(set(names)) != len(
-      names
-  ):
-    raise ValueError(
-        f"shard_axes must be a mesh axis name or a tuple of distinct names,"
-        f" got {shard_axes!r}."
-    )
-  missing = [a for a in names if a not in mesh.axis_names]
+def context_mesh(shard_axes: ShardAxes):
+  """The (abstract) mesh set by `jax.set_mesh`; raises if it lacks an axis."""
+  mesh = jax.sharding.get_abstract_mesh()
+  missing = [a for a in axis_names(shard_axes) if a not in mesh.axis_names]
   if missing:
     if not mesh.axis_names:
       hint = (
           "no mesh is set. Trace init and update under `with"
           " jax.set_mesh(mesh):` (explicit sharding, or around the calls of"
           " a jax.jit with in/out_shardings), or pass shard_axes=None on a"
-          " single device."
-      )
+          " single device.")
     else:
-      hint = (
-          f"the {where} has axes {tuple(mesh.axis_names)}; name axes of that"
-          " mesh."
-      )
+      hint = (f"the current mesh has axes {tuple(mesh.axis_names)}; name axes"
+              " of that mesh.")
     raise ValueError(
-        f"shard_axes={shard_axes!r}: mesh axes {missing} not found: {hint}"
-    )
+        f"shard_axes={shard_axes!r}: mesh axes {missing} not found: {hint}")
   return mesh
 
 
-def context_mesh(shard_axes: ShardAxes):
-  """The (abstract) mesh set by `jax.set_mesh`; raises if it lacks an axis."""
-  return _check_axes(
-      shard_axes, jax.sharding.get_abstract_mesh(), "current mesh"
-  )
+def _names(entry: AxisEntry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def shard_count(shard_axes: ShardAxes) -> int:
-  """Number of shards the stacked axis is split into (1 without a mesh)."""
-  if shard_axes is None:
-    return 1
-  mesh = context_mesh(shard_axes)
-  return math.prod(mesh.shape[a] for a in axis_names(shard_axes))
+def _entry(names: Sequence[str]) -> AxisEntry:
+  return None if not names else names[0] if len(names) == 1 else tuple(names)
 
 
-def stack_spec(shard_axes: ShardAxes) -> PartitionSpec:
-  """``PartitionSpec`` of a stacked ``[N, d, d]`` state array."""
-  names = axis_names(shard_axes)
-  if not names:
-    return PartitionSpec()
-  return PartitionSpec(names[0] if len(names) == 1 else names)
+# While set, parameters count as unsharded when choosing the factors' split:
+# `state_shardings` for an Auto mesh, whose update cannot see them.
+_IGNORE_PARAM_SHARDINGS = []
 
 
-def is_explicit(shard_axes: ShardAxes) -> bool:
-  """Whether a shard axis is an ``Explicit`` axis of the current mesh."""
-  if shard_axes is None:
-    return False
-  explicit = context_mesh(shard_axes).explicit_axes
-  return any(a in explicit for a in axis_names(shard_axes))
+@contextlib.contextmanager
+def _parameters_unseen():
+  _IGNORE_PARAM_SHARDINGS.append(True)
+  try:
+    yield
+  finally:
+    _IGNORE_PARAM_SHARDINGS.pop()
 
 
-def constrain(x: jax.Array, shard_axes: ShardAxes) -> jax.Array:
-  """Pins a stacked array's leading axis to ``shard_axes``."""
-  if shard_axes is None:
+def leaf_spec(x) -> tuple[AxisEntry, ...]:
+  """A leaf's sharding, one entry per dim (all ``None`` when not explicit)."""
+  entries = ()
+  if not _IGNORE_PARAM_SHARDINGS:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    mesh = getattr(sharding, "mesh", None)
+    explicit = set(getattr(mesh, "explicit_axes", ()) or ())
+    if spec is not None:
+      entries = tuple(
+          _entry([a for a in _names(e) if a in explicit]) for e in spec)
+  return entries + (None,) * (x.ndim - len(entries))
+
+
+def factor_batch_specs(plan, leaf_specs, shard_axes) -> list[tuple]:
+  """The split of every factor's batch axes (see module docstring).
+
+  Args:
+    plan: the `_blocks.Plan`.
+    leaf_specs: `leaf_spec` of every leaf.
+    shard_axes: the ``shard_axes`` option.
+
+  Returns:
+    For each factor of ``plan``, one `AxisEntry` per batch axis.
+  """
+  sizes = {}
+  if shard_axes is not None or any(any(s) for s in leaf_specs):
+    mesh = context_mesh(shard_axes)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  size = lambda names: math.prod(sizes[a] for a in names)
+  specs = []
+  for factor in plan.factors:
+    family = plan.families[factor.family]
+    piece = family.pieces[factor.piece]
+    batch = [None] * len(factor.batch_shape)
+    if len(family.members) == 1:
+      member = family.members[0]
+      spec = leaf_specs[member.leaf]
+      layer = [spec[a] for a in member.layer_axes]
+      if layer and layer[0] is not None and not any(layer[1:]):
+        batch[0] = layer[0]
+      for axis, leaf_axes in enumerate(member.merged_from):
+        entry = spec[leaf_axes[0]]
+        whole = piece.grid[axis] * piece.block[axis] == family.shape[axis]
+        if (entry is not None and whole
+            and not any(spec[a] for a in leaf_axes[1:])
+            and piece.grid[axis] % size(_names(entry)) == 0):
+          batch[1 + axis] = entry
+    used = {a for e in batch for a in _names(e)}
+    rest = [a for a in axis_names(shard_axes) if a not in used]
+    if rest:
+      for axis, n in enumerate(factor.batch_shape):
+        if batch[axis] is None and n % size(rest) == 0:
+          batch[axis] = _entry(rest)
+          break
+    specs.append(tuple(batch))
+  return specs
+
+
+def is_sharded(batch_specs) -> bool:
+  return any(e is not None for spec in batch_specs for e in spec)
+
+
+def constrain(x: jax.Array, batch_spec: Sequence[AxisEntry]) -> jax.Array:
+  """Pins ``x``'s leading axes to ``batch_spec`` (a no-op when all None).
+
+  Called inside the update (all mesh axes auto) or in ``init``.
+  """
+  if all(e is None for e in batch_spec):
     return x
-  spec = stack_spec(shard_axes)
-  if is_explicit(shard_axes):
+  spec = PartitionSpec(*batch_spec)
+  mesh = jax.sharding.get_abstract_mesh()
+  if set(mesh.explicit_axes) & {a for e in batch_spec for a in _names(e)}:
     return jax.sharding.reshard(x, spec)
   return jax.lax.with_sharding_constraint(x, spec)
 
 
-def replicate(x: jax.Array, shard_axes: ShardAxes) -> jax.Array:
-  """Pins ``x`` whole on every device (nothing to do without shard axes)."""
-  if shard_axes is None:
-    return x
-  return jax.lax.with_sharding_constraint(x, PartitionSpec())
+def map_blocks(fn: Callable[..., Any], batch_specs, sharded_args, replicated,
+               num_outputs: int):
+  """``fn(sharded_args, replicated)`` on each device's blocks.
 
-
-def _device_index(shard_axes: ShardAxes) -> jax.Array:
-  """Inside `jax.shard_map`: this device's index along the stacked axis."""
-  return jax.lax.axis_index(axis_names(shard_axes))
-
-
-def owned_contributions(plan, blocks, contribution, shard_axes):
-  """Each bucket's statistics increments, each row computed by its owner.
-
-  Row ``r`` of a bucket of length ``N`` lives on device ``r // (N / D)``.
-  The gradient blocks are replicated (an all-gather only when the gradients
-  are sharded, e.g. FSDP); every device computes ``contribution(block,
-  axis)`` for a window of ``min(n, N / D)`` blocks of each factor of the
-  bucket that covers its rows, and keeps the rows it owns. No communication;
-  the work per device is at most (factors per bucket) / D of the total.
-
-  Args:
-    plan: the `_blocks.Plan`.
-    blocks: group -> ``[n, *group]`` gradient blocks.
-    contribution: ``(blocks [w, *group], axis) -> [w, d, d]``.
-    shard_axes: the mesh axes of the stacked axis.
-
-  Returns:
-    One ``[N, d, d]`` array per bucket, split along ``N`` over
-    ``shard_axes``; padding rows are zero.
+  ``sharded_args`` is a tuple of lists whose ``i``-th arrays have their batch
+  axes split as ``batch_specs[i]``; ``fn`` must treat batch rows
+  independently and return ``num_outputs`` such lists. With any split it
+  runs under `jax.shard_map`, so each device computes only its own rows;
+  otherwise it is ``fn`` itself. ``replicated`` is passed whole.
   """
-  count = shard_count(shard_axes)
-  spec = stack_spec(shard_axes)
-  groups = tuple(blocks)
-  buckets = tuple(plan.buckets.items())
-
-  def body(*local_blocks):
-    index = _device_index(shard_axes)
-    group_blocks = dict(zip(groups, local_blocks))
-    out = []
-    for key, length in buckets:
-      rows = length // count
-      dim = key[0]
-      acc = jnp.zeros((rows, dim, dim), jnp.float32)
-      for group in groups:
-        for factor in plan.factors[group]:
-          if factor.bucket != key:
-            continue
-          n = plan.groups[group]
-          width = min(n, rows)
-          start = jnp.clip(index * rows - factor.offset, 0, n - width)
-          window = jax.lax.dynamic_slice_in_dim(
-              group_blocks[group], start, width)
-          local = factor.offset + start - index * rows + jnp.arange(width)
-          local = jnp.where((local >= 0) & (local < rows), local, rows)
-          acc = acc.at[local].add(
-              contribution(window, factor.axis), mode="drop")
-      out.append(acc)
-    return tuple(out)
-
-  if not buckets:
-    return ()
+  if not is_sharded(batch_specs):
+    return fn(sharded_args, replicated)
+  specs = [PartitionSpec(*b) for b in batch_specs]
+  used = {a for b in batch_specs for e in b for a in _names(e)}
   return jax.shard_map(
-      body,
-      mesh=context_mesh(shard_axes),
-      in_specs=(PartitionSpec(),) * len(groups),
-      out_specs=(spec,) * len(buckets),
-      axis_names=frozenset(axis_names(shard_axes)),
-  )(*(replicate(blocks[g], shard_axes) for g in groups))
-
-
-def map_stacks(fn: Callable[..., Any], shard_axes: ShardAxes, num_replicated=0,
-               calls_lapack=False):
-  """``fn`` applied to each device's slice of ``[N, ...]`` stacks.
-
-  ``fn(*stacks, *replicated)`` takes and returns arrays whose leading axis
-  is the stacked one, and must be row-wise (row ``i`` of an output depends
-  only on row ``i`` of the inputs); its last ``num_replicated`` arguments are
-  passed whole to every device. With ``shard_axes`` it runs under
-  `jax.shard_map`, so each device computes only its ``N / D`` rows; without,
-  it is ``fn`` itself. ``calls_lapack``: ``fn`` calls a LAPACK kernel
-  (``eigh``), which on CPU runs one row at a time (see `_one_row_at_a_time`).
-  """
-
-  def mapped(*args):
-    body = fn
-    if calls_lapack and jax.default_backend() == "cpu":
-      body = _one_row_at_a_time(fn, num_replicated)
-    if shard_axes is None:
-      return body(*args)
-    spec = stack_spec(shard_axes)
-    num_stacked = len(args) - num_replicated
-    in_specs = (spec,) * num_stacked + (PartitionSpec(),) * num_replicated
-    return jax.shard_map(
-        body,
-        mesh=context_mesh(shard_axes),
-        in_specs=in_specs,
-        out_specs=spec,
-        axis_names=frozenset(axis_names(shard_axes)),
-        # fn's loops start from unsharded constants (e.g. Newton's carry);
-        # every row is independent, so nothing varies across devices
-        # unexpectedly.
-        check_vma=False,
-    )(*args)
-
-  return mapped
-
-
-# CPU programs (one device, or several simulated ones with
-# --xla_force_host_platform_device_count) run on one intra-op thread pool.
-# Two parts of the CPU LAPACK path (jaxlib's eigh, via scipy's OpenBLAS) then
-# deadlock intermittently (observed with jax 0.10.2 on 1 and 8 devices): a
-# batched eigh fans out over the intra-op pool and blocks a pool thread
-# waiting for its chunks, and OpenBLAS's own threads wait on each other when
-# several devices call it at once. So on CPU the eigh roots are computed one
-# matrix at a time (a batch of one is run inline) and OpenBLAS is limited to
-# one thread; the numbers are those of the batched call.
-
-
-def _one_row_at_a_time(fn, num_replicated):
-  _single_threaded_openblas()
-
-  def body(*args):
-    num_stacked = len(args) - num_replicated
-    stacks, replicated = args[:num_stacked], args[num_stacked:]
-    return jax.lax.map(lambda rows: fn(*rows, *replicated), stacks)
-
-  return body
-
-
-_OPENBLAS_LIMITED = []
-
-
-def _single_threaded_openblas() -> None:
-  """Sets every loaded OpenBLAS (jaxlib's LAPACK provider) to one thread."""
-  if _OPENBLAS_LIMITED:
-    return
-  _OPENBLAS_LIMITED.append(True)
-  try:
-    import ctypes  # pylint: disable=g-import-not-at-top
-    import scipy.linalg.cython_lapack  # pylint: disable=g-import-not-at-top,unused-import
-
-    with open("/proc/self/maps") as maps:
-      paths = {
-          line.split()[-1] for line in maps
-          if "openblas" in line and line.split()[-1].startswith("/")
-      }
-    for path in sorted(paths):
-      lib = ctypes.CDLL(path)
-      for name in ("scipy_openblas_set_num_threads",
-                   "scipy_openblas_set_num_threads64_",
-                   "openblas_set_num_threads",
-                   "openblas_set_num_threads64_"):
-        if hasattr(lib, name):
-          getattr(lib, name)(1)
-          break
-  except (ImportError, OSError):  # Not Linux, or no OpenBLAS: nothing to do.
-    pass
+      fn, mesh=jax.sharding.get_abstract_mesh(),
+      in_specs=((specs,) * len(sharded_args),
+                jax.tree.map(lambda _: PartitionSpec(), replicated)),
+      out_specs=(specs,) * num_outputs,
+      axis_names=frozenset(used),
+      # Rows are independent; loops start from unsharded constants (e.g.
+      # Newton's carry), so nothing varies across devices unexpectedly.
+      check_vma=False,
+  )(sharded_args, replicated)
 
 
 def explicit_axes_in_context() -> tuple[str, ...]:
@@ -311,23 +228,25 @@ def _spec_of(x) -> PartitionSpec:
 
 
 def in_auto_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """Runs ``fn(updates, state)`` with the mesh's explicit axes made auto.
+  """Runs ``fn(updates, state, *args)`` with the explicit axes made auto.
 
   Under explicit sharding, cutting a sharded parameter into blocks may be
   ambiguous (JAX then raises); inside `jax.sharding.auto_axes` the SPMD
-  partitioner chooses instead. The outputs ``(updates, state)`` get back the
-  inputs' shardings, so the types are the same before and after ``update``
-  and each update has its gradient's sharding. Without explicit axes in the
+  partitioner chooses instead, guided by `constrain`. The outputs
+  ``(updates, state)`` get back the inputs' shardings, so the types are the
+  same before and after ``update`` and each update has its gradient's
+  sharding. Every traced value ``fn`` reads must be an argument (closed-over
+  tracers would keep their explicit types). Without explicit axes in the
   context, ``fn`` is called directly.
   """
 
-  def wrapped(updates, state):
+  def wrapped(updates, state, *args):
     axes = explicit_axes_in_context()
     if not axes:
-      return fn(updates, state)
+      return fn(updates, state, *args)
     specs = (jax.tree.map(_spec_of, updates), jax.tree.map(_spec_of, state))
     return jax.sharding.auto_axes(fn, axes=axes, out_sharding=specs)(
-        updates, state)
+        updates, state, *args)
 
   return wrapped
 
@@ -356,9 +275,10 @@ def state_shardings(tx, params, mesh, param_shardings=None):
   restore. ``tx`` may be `shampoo_optax.shampoo`, `scale_by_shampoo` or any
   optax chain or wrapper containing them:
 
-  * Shampoo statistics and preconditioner stacks ``[N, d, d]`` are split
-    along ``N`` over that transform's ``shard_axes`` (``N`` is padded for the
-    size of those axes in ``mesh``);
+  * Shampoo factors ``[n, *grid, *packed]`` are split as the module
+    docstring says: following the parameters' shardings when ``mesh`` has
+    explicit axes (on an ``Auto`` mesh the update cannot see them, so there
+    only ``shard_axes`` split them), then over ``shard_axes``;
   * per-parameter state (grafting accumulators, momentum, and the state of
     other optax transforms built with ``zeros_like``) gets its parameter's
     sharding;
@@ -366,7 +286,7 @@ def state_shardings(tx, params, mesh, param_shardings=None):
 
   It traces ``tx.init`` abstractly on an explicit-axes copy of ``mesh`` and
   reads every leaf's sharding from its type, so it agrees with what
-  ``jax.jit(tx.init)(params)`` produces under explicit sharding.
+  ``jax.jit(tx.init)(params)`` produces under `jax.set_mesh`.
 
   Args:
     tx: an ``optax.GradientTransformation``.
@@ -383,6 +303,36 @@ def state_shardings(tx, params, mesh, param_shardings=None):
     A pytree of `NamedSharding` with the structure of ``tx.init(params)``
     (``None`` fields stay ``None``).
   """
+  return _traced_init(tx, params, mesh, param_shardings)[1]
+
+
+def abstract_state(tx, params, mesh=None, param_shardings=None):
+  """``tx.init(params)`` as `jax.ShapeDtypeStruct`s with their shardings.
+
+  The target of a (strict) Orbax restore: the state's shapes do not depend
+  on the mesh, so a checkpoint written on any mesh restores onto ``mesh``.
+  Without a mesh it is ``jax.eval_shape(tx.init, params)``.
+
+  Args:
+    tx: an ``optax.GradientTransformation``.
+    params: the parameters, as arrays or `jax.ShapeDtypeStruct`s.
+    mesh: a `jax.sharding.Mesh`, or ``None``.
+    param_shardings: as for `state_shardings`.
+
+  Returns:
+    A pytree of `jax.ShapeDtypeStruct` with the structure of
+    ``tx.init(params)``.
+  """
+  if mesh is None:
+    return jax.eval_shape(tx.init, params)
+  shapes, shardings = _traced_init(tx, params, mesh, param_shardings)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      shapes, shardings)
+
+
+def _traced_init(tx, params, mesh, param_shardings):
+  """The abstract ``tx.init(params)`` on ``mesh`` and its shardings."""
   if param_shardings is None:
     param_shardings = params
   is_spec = lambda x: isinstance(x, (PartitionSpec, NamedSharding))
@@ -417,10 +367,13 @@ def state_shardings(tx, params, mesh, param_shardings=None):
     specs.append(jax.tree.map(_spec_of, state))
     return state
 
-  with jax.set_mesh(explicit):
-    jax.eval_shape(init_specs, abstract_params)
-  return jax.tree.map(
+  auto = any(t == AxisType.Auto for t in mesh.axis_types)
+  with jax.set_mesh(explicit), (
+      _parameters_unseen() if auto else contextlib.nullcontext()):
+    shapes = jax.eval_shape(init_specs, abstract_params)
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        shapes)
+  return shapes, jax.tree.map(
       lambda spec: NamedSharding(mesh, spec), specs[0],
       is_leaf=lambda x: isinstance(x, PartitionSpec),
   )
-

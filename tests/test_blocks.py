@@ -1,77 +1,136 @@
 # Copyright 2026 The shampoo_optax Authors.
 # SPDX-License-Identifier: Apache-2.0
-"""Tests of the static plan: merging, routing, blocking, stacking."""
+"""Tests of the static plan: merging, routing, units, families, blocks."""
 
 import numpy as np
 import pytest
 
 from shampoo_optax import _blocks
+from shampoo_optax import _symmetric
+
+
+def plan_of(shapes, block_size=128, max_dim=4096, layer_axes=None, p=None):
+  layer_axes = layer_axes or ((),) * len(shapes)
+  return _blocks.make_plan(tuple(shapes), tuple(layer_axes), block_size,
+                           max_dim, p)
 
 
 @pytest.mark.parametrize(
-    "shape,block_size,expected",
+    "shape,limit,expected,groups",
     [
-        ((3, 3, 64, 128), 128, (9, 64, 128)),  # conv kernel
-        ((128, 4, 32), 128, (128, 128)),       # attention kernel
-        ((4, 4, 4), 128, (16, 4)),             # never below rank 2
-        ((5, 7), 1024, (5, 7)),                # a matrix stays a matrix
-        ((1, 5), 128, (5,)),                   # unit dims dropped
-        ((2, 1, 3, 1, 4, 5, 6), 128, (120, 6)),
-        ((300, 200, 7), 128, (300, 200, 7)),
-        ((), 128, ()),
+        ((3, 3, 64, 128), 128, (9, 64, 128), ((0, 1), (2,), (3,))),  # conv
+        ((128, 4, 32), 128, (128, 128), ((0,), (1, 2))),  # attention kernel
+        ((4, 4, 4), 128, (16, 4), ((0, 1), (2,))),  # never below rank 2
+        ((5, 7), 1024, (5, 7), ((0,), (1,))),  # a matrix stays a matrix
+        ((1, 5), 128, (5,), ((1,),)),  # unit dims dropped
+        ((2, 1, 3, 1, 4, 5, 6), 128, (120, 6), ((0, 2, 4, 5), (6,))),
+        ((300, 200, 7), 128, (300, 200, 7), ((0,), (1,), (2,))),
+        ((), 128, (), ()),
     ],
 )
-def test_merge_dims(shape, block_size, expected):
-  assert _blocks.merge_dims(shape, block_size) == expected
+def test_merge_dims(shape, limit, expected, groups):
+  assert _blocks.merge_dims(shape, limit) == (expected, groups)
 
 
-def test_routing():
-  shapes = ((784, 512), (512,), (), (5, 1, 1), (0, 4), (10000, 8), (3, 3, 2, 4))
-  plan = _blocks.make_plan(shapes, 128, 4096)
-  assert [plan.is_preconditioned(i) for i in range(len(shapes))] == [
-      True, False, False, False, False, False, True]
+def test_routing_and_families():
+  shapes = ((784, 512), (512,), (), (5, 1, 1), (0, 4), (10000, 8),
+            (3, 3, 2, 4), (784, 512), (512,))
+  plan = plan_of(shapes)
+  kinds = [plan.families[f].preconditioned for f in plan.family_of_leaf]
+  assert kinds == [True, False, False, False, False, False, True, True, False]
+  # Equal (merged) unit shapes share a family, in order of their first leaf.
+  assert plan.family_of_leaf[0] == plan.family_of_leaf[7]
+  assert plan.family_of_leaf[1] == plan.family_of_leaf[8]
+  family = plan.families[plan.family_of_leaf[7]]
+  assert family.units == 2 and [m.offset for m in family.members] == [0, 1]
 
 
-def test_blocks_groups_and_buckets():
-  plan = _blocks.make_plan(((300, 200), (128, 128)), 128, 4096)
+def test_merging_never_exceeds_max_precondition_dim():
+  # block 256 > max dim 64: merging (4, 32) into 128 would make it diagonal.
+  plan = plan_of(((16, 4, 32),), block_size=256, max_dim=64)
+  family = plan.families[0]
+  assert family.preconditioned and family.shape == (64, 32)
+
+
+def test_pieces_and_factors():
+  plan = plan_of(((300, 200), (128, 128)))
   # 300 = 2*128 + 44 and 200 = 128 + 72.
-  assert plan.groups == {(128, 128): 3, (128, 72): 2, (44, 128): 1,
-                         (44, 72): 1}
-  assert plan.buckets == {(128, 4): 3 * 2 + 2 + 1, (72, 4): 3, (44, 4): 2}
-  padded = _blocks.make_plan(((300, 200), (128, 128)), 128, 4096, None, 4)
-  assert padded.buckets == {(128, 4): 12, (72, 4): 4, (44, 4): 4}
-  # 6 = 4 + 2 on each of 3 axes: 8 blocks, 12 factors of each size.
-  assert _blocks.make_plan(((6, 6, 6),), 4, 4096, 3).buckets == {(4, 3): 12,
-                                                                 (2, 3): 12}
+  big = plan.families[0]
+  assert [(p.grid, p.block) for p in big.pieces] == [
+      ((2, 1), (128, 128)), ((2, 1), (128, 72)), ((1, 1), (44, 128)),
+      ((1, 1), (44, 72))]
+  shapes = [(f.dim, f.batch_shape, f.shape) for f in plan.factors_of(0)
+            for f in [f[1]]]
+  assert shapes[:2] == [(128, (1, 2, 1), (1, 2, 1, 129, 64)),
+                        (128, (1, 2, 1), (1, 2, 1, 129, 64))]
+  assert all(f.exponent == 4 for f in plan.factors)
+  assert _blocks.make_plan(((6, 6, 6),), ((),), 4, 4096, 3).factors[0].exponent == 3
+
+
+def test_layer_axes_make_units():
+  plan = plan_of(((8, 64, 32), (64, 8, 32), (2, 3, 64, 32)),
+                 layer_axes=((0,), (1,), (0, 1)))
+  assert len(plan.families) == 1
+  family = plan.families[0]
+  assert family.shape == (64, 32) and family.units == 8 + 8 + 6
+  assert [m.merged_from for m in family.members] == [((1,), (2,)),
+                                                      ((0,), (2,)),
+                                                      ((2,), (3,))]
 
 
 @pytest.mark.parametrize(
-    "shapes,block_size",
+    "shapes,layer_axes,block_size",
     [
-        (((300, 200), (7,), (3, 3, 5, 6), (2, 3, 4, 5, 6)), 16),
-        (((64, 64), (64, 64), (10, 3)), 32),
-        (((9, 9, 9),), 4),
+        (((300, 200), (7,), (3, 3, 5, 6), (2, 3, 4, 5, 6)), None, 16),
+        (((64, 64), (64, 64), (10, 3)), None, 32),
+        (((9, 9, 9),), None, 4),
+        (((5, 12, 10), (12, 4, 10)), ((0,), (1,)), 4),
     ],
 )
-def test_stack_unstack_round_trip(shapes, block_size):
+def test_stack_blocks_round_trip(shapes, layer_axes, block_size):
   rng = np.random.default_rng(0)
   leaves = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-  plan = _blocks.make_plan(shapes, block_size, 4096)
-  blocks = plan.stack(leaves)
-  for group, count in plan.groups.items():
-    assert blocks[group].shape == (count,) + group
-    assert all(b <= block_size for b in group)
-  for leaf, back in zip(leaves, plan.unstack(blocks)):
-    if back is None:
-      continue
+  plan = plan_of(shapes, block_size, layer_axes=layer_axes)
+  stacked = [plan.stack(leaves, f) for f in range(len(plan.families))]
+  for f, family in enumerate(plan.families):
+    assert stacked[f].shape == (family.units,) + family.shape
+    if family.preconditioned:
+      blocks = [_blocks.blocks_of(stacked[f], p) for p in family.pieces]
+      for b, p in zip(blocks, family.pieces):
+        assert b.shape == (family.units,) + p.grid + p.block
+        assert all(d <= block_size for d in p.block)
+      np.testing.assert_array_equal(_blocks.assemble(blocks, family.pieces),
+                                    stacked[f])
+  for leaf, back in zip(leaves, plan.unstack_tree(stacked)):
     np.testing.assert_array_equal(back, leaf)
 
 
 def test_block_contents_are_the_matrix_tiles():
   matrix = np.arange(10 * 7, dtype=np.float32).reshape(10, 7)
-  plan = _blocks.make_plan(((10, 7),), 4, 4096)
-  blocks = plan.stack([matrix])
-  np.testing.assert_array_equal(blocks[(4, 4)][1], matrix[4:8, 0:4])
-  np.testing.assert_array_equal(blocks[(4, 3)][1], matrix[4:8, 4:7])
-  np.testing.assert_array_equal(blocks[(2, 4)][0], matrix[8:10, 0:4])
-  np.testing.assert_array_equal(blocks[(2, 3)][0], matrix[8:10, 4:7])
+  plan = plan_of(((10, 7),), 4)
+  stacked = plan.stack([matrix], 0)
+  pieces = {p.block: _blocks.blocks_of(stacked, p)
+            for p in plan.families[0].pieces}
+  np.testing.assert_array_equal(pieces[(4, 4)][0, 1, 0], matrix[4:8, 0:4])
+  np.testing.assert_array_equal(pieces[(4, 3)][0, 1, 0], matrix[4:8, 4:7])
+  np.testing.assert_array_equal(pieces[(2, 4)][0, 0, 0], matrix[8:10, 0:4])
+  np.testing.assert_array_equal(pieces[(2, 3)][0, 0, 0], matrix[8:10, 4:7])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 17, 44, 128])
+def test_packed_triangles(n):
+  rng = np.random.default_rng(n)
+  x = rng.standard_normal((2, 3, n, n + 3)).astype(np.float32)
+  a = x @ np.swapaxes(x, -1, -2)
+  lower = np.tril(np.ones((n, n), bool))
+  symmetric = np.where(lower, a, np.swapaxes(a, -1, -2))
+  packed = np.asarray(_symmetric.pack(a))
+  assert packed.shape == (2, 3) + _symmetric.packed_shape(n)
+  assert packed.size // 6 == n * (n + 1) // 2
+  # Every free entry is stored exactly once.
+  assert sorted(packed[0, 0].ravel().tolist()) == sorted(
+      symmetric[0, 0][lower].tolist())
+  np.testing.assert_array_equal(_symmetric.unpack(packed, n), symmetric)
+  gram = np.asarray(_symmetric.packed_gram(x))
+  np.testing.assert_allclose(gram, packed, rtol=0,
+                             atol=1e-5 * np.abs(a).max())

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 
+from numerics import assert_close
 import shampoo_optax
 from shampoo_optax import _blocks
 
@@ -33,11 +34,30 @@ def tree_rng(tree, seed, scale=1.0):
       tree)
 
 
-def assert_trees_close(a, b, rtol=1e-6, atol=0.0):
+def assert_trees_close(a, b, rtol=1e-6):
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64),
-                               np.asarray(y, np.float64), rtol=rtol, atol=atol)
+  assert_close(a, b, rtol=rtol)
+
+
+def assert_states_close(a, b, rtol):
+  """Optimizer states equal up to round-off.
+
+  The root error diagnostic of accurate roots is round-off itself (about
+  1e-6, dimensionless), so it is only required to be small in both.
+  """
+  errors = []
+
+  def drop_root_error(state):
+    if isinstance(state, shampoo_optax.ShampooState):
+      errors.append(state.diagnostics.max_root_error)
+      return state._replace(diagnostics=state.diagnostics._replace(
+          max_root_error=jnp.zeros_like(state.diagnostics.max_root_error)))
+    return state
+
+  is_state = lambda x: isinstance(x, shampoo_optax.ShampooState)
+  a, b = (jax.tree.map(drop_root_error, s, is_leaf=is_state) for s in (a, b))
+  assert_trees_close(a, b, rtol=rtol)
+  assert all(np.all(np.asarray(e) < 1e-3) for e in errors), errors
 
 
 def assert_trees_equal(a, b):
@@ -101,7 +121,7 @@ def test_chain_with_clip_by_global_norm():
     clipped = jax.tree.map(
         lambda x: x / optax.tree.norm(g), g)  # norm >> 1: clipped to 1
     r, ref_state = REF_UPDATE(clipped, ref_state, PARAMS)
-    assert_trees_close(u, r, rtol=1e-4, atol=1e-9)
+    assert_trees_close(u, r, rtol=1e-4)
 
 
 def test_inject_hyperparams_floats_change_without_recompiling():
@@ -153,8 +173,8 @@ def test_multisteps_equals_one_step_with_mean_gradient():
     mean = jax.tree.map(lambda *xs: sum(xs) / k, *chunk)
     r, ref_state = REF_UPDATE(mean, ref_state, ref_params)
     ref_params = optax.apply_updates(ref_params, r)
-    assert_trees_close(params, ref_params, rtol=1e-5, atol=1e-7)
-  assert_trees_close(state.inner_opt_state, ref_state, rtol=1e-5, atol=1e-5)
+    assert_trees_close(params, ref_params, rtol=1e-5)
+  assert_states_close(state.inner_opt_state, ref_state, rtol=1e-5)
 
 
 def embedding_model_params():
@@ -212,8 +232,8 @@ def test_partition_and_masked_recipes():
                                  subtree(params, False))
     for i, update in enumerate(updates):
       u, states[i] = update(g, states[i], params)
-      assert_trees_close(subtree(u, True), us, rtol=1e-5, atol=1e-9)
-      assert_trees_close(subtree(u, False), ua, rtol=1e-5, atol=1e-9)
+      assert_trees_close(subtree(u, True), us, rtol=1e-5)
+      assert_trees_close(subtree(u, False), ua, rtol=1e-5)
   # The masked Shampoo state holds only the masked-in leaves.
   inner = states[1][0].inner_state[0]
   assert isinstance(inner.graft["embed"]["embedding"], optax.MaskedNode)
@@ -265,9 +285,11 @@ def check_routing(params, block_size, max_precondition_dim):
   """Plan route of every leaf, keyed by its path."""
   with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
   plan = _blocks.make_plan(tuple(tuple(x.shape) for _, x in with_paths),
-                           block_size, max_precondition_dim)
-  return {jax.tree_util.keystr(path): plan.merged[i]
-          for i, (path, _) in enumerate(with_paths)}
+                           ((),) * len(with_paths), block_size,
+                           max_precondition_dim)
+  families = [plan.families[f] for f in plan.family_of_leaf]
+  return {jax.tree_util.keystr(path): f.shape if f.preconditioned else None
+          for (path, _), f in zip(with_paths, families)}
 
 
 VOCAB, D, HEADS, SEQ = 48, 16, 4, 6
@@ -497,10 +519,9 @@ def test_vmap_over_independent_states_hyperparameter_sweep():
     state = init(lr, b2)
     for g, u in zip(grads, batched):
       r, state = INJ_UPDATE(g, state, params)
-      assert_trees_close(jax.tree.map(lambda x: x[i], u), r,
-                         rtol=2e-5, atol=1e-9)
-    assert_trees_close(jax.tree.map(lambda x: x[i], states), state,
-                       rtol=1e-5, atol=1e-6)
+      assert_trees_close(jax.tree.map(lambda x: x[i], u), r, rtol=2e-5)
+    assert_states_close(jax.tree.map(lambda x: x[i], states), state,
+                        rtol=1e-5)
 
 
 def test_donate_argnums():

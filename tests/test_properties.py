@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from numerics import assert_close
 import shampoo_optax
 from shampoo_optax import _blocks
 
@@ -71,13 +72,13 @@ DTYPES = st.sampled_from([jnp.float32, jnp.bfloat16])
 def assume_small_plan(leaf_shapes, block_size, max_precondition_dim=4096):
   """Keeps compile time small: few distinct block shapes per example.
 
-  A rank-k leaf whose dims all leave a remainder is cut into 2^k block
-  shapes (32 for rank 5), each its own stacked group; that is correct but
+  A rank-k leaf whose dims all leave a remainder is cut into 2^k pieces
+  (32 for rank 5), each with its own blocks and factors; that is correct but
   takes tens of seconds to compile.
   """
-  plan = _blocks.make_plan(tuple(leaf_shapes), block_size,
-                           max_precondition_dim)
-  hypothesis.assume(len(plan.groups) <= 6)
+  plan = _blocks.make_plan(tuple(leaf_shapes), ((),) * len(leaf_shapes),
+                           block_size, max_precondition_dim)
+  hypothesis.assume(sum(len(f.pieces) for f in plan.families) <= 6)
 
 
 def random_tree(shapes_and_dtypes, seed):
@@ -151,7 +152,7 @@ def test_blocks_equal_separate_leaves(rows, cols, block_size, options, seed):
                  [split(g) for g in grads])
   for w, p in zip(whole, parts):
     for key, block in split(w["m"]).items():
-      np.testing.assert_allclose(block, p[key], rtol=2e-5, atol=1e-6)
+      assert_close(block, p[key], rtol=2e-5)
 
 
 @examples(5)
@@ -169,7 +170,7 @@ def test_leaf_alone_equals_leaf_in_tree(leaf, others, block_size, options,
   in_tree, _ = run(tx, grads)
   alone, _ = run(tx, [{"leaf0": g["leaf0"]} for g in grads])
   for t, a in zip(in_tree, alone):
-    np.testing.assert_allclose(t["leaf0"], a["leaf0"], rtol=2e-5, atol=1e-6)
+    assert_close(t["leaf0"], a["leaf0"], rtol=2e-5)
 
 
 @examples(3)

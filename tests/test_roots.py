@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from numerics import assert_close
 from shampoo_optax import _roots
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -190,10 +191,8 @@ def test_batched_calls_equal_per_matrix_calls(method):
   for i, one in enumerate(single):
     # Newton runs the batch until its slowest member converges, but a
     # converged matrix is frozen, so results agree to float32 rounding.
-    np.testing.assert_allclose(batched.root[i], one.root, rtol=1e-5,
-                               atol=1e-5 * np.abs(one.root).max())
-    np.testing.assert_allclose(batched_2d.root.reshape(6, 5, 5)[i], one.root,
-                               rtol=1e-5, atol=1e-5 * np.abs(one.root).max())
+    assert_close(batched.root[i], one.root, rtol=1e-5)
+    assert_close(batched_2d.root.reshape(6, 5, 5)[i], one.root, rtol=1e-5)
   assert batched_2d.error.shape == (2, 3)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+from numerics import assert_close
 import shampoo_optax
 
 pytestmark = pytest.mark.multidevice
@@ -79,8 +80,7 @@ def _single_device_updates(root_method, steps=4):
 def assert_updates_close(actual, expected):
   for a, e in zip(actual, expected):
     for name in SHAPES:
-      np.testing.assert_allclose(np.asarray(a[name]), np.asarray(e[name]),
-                                 rtol=2e-5, atol=2e-6, err_msg=name)
+      assert_close(np.asarray(a[name]), np.asarray(e[name]), rtol=2e-5, err_msg=name)
 
 
 def same(a, b, ndim):
@@ -315,7 +315,5 @@ def test_flax_training_under_three_usage_patterns(capsys):
       n, d, _ = stack.shape
       assert shard_shapes(stack) == {(n // 8, d, d)}, pattern
   # Same data, same initialization: the three patterns agree.
-  np.testing.assert_allclose(results["fsdp"][0], results["explicit"][0],
-                             rtol=1e-5)
-  np.testing.assert_allclose(results["pjit"][0], results["explicit"][0],
-                             rtol=1e-5)
+  assert_close(results["fsdp"][0], results["explicit"][0], rtol=1e-5)
+  assert_close(results["pjit"][0], results["explicit"][0], rtol=1e-5)

@@ -8,9 +8,10 @@ Runs on 8 simulated CPU devices (the script sets
     python examples/sharded_training.py [--steps 8]
 
 Each pattern trains the same small Flax (linen) MLP on synthetic data with
-``shampoo_optax.shampoo(..., shard_axes="data")``: the stacked statistics and
-inverse roots are split over the mesh axis ``"data"``, so each device holds
-and inverts 1/8 of them.
+``shampoo_optax.shampoo(..., shard_axes="data")``: the statistics and inverse
+roots of the 64 x 64 kernel's blocks are split over the mesh axis ``"data"``,
+so each device holds and inverts 1/8 of them (the smaller kernels' factors
+have no axis that 8 divides and stay whole on every device).
 
 1. ``explicit``: explicit sharding. ``jax.set_mesh(mesh)`` on a mesh with
    ``Explicit`` axes; shardings are part of the types (``jax.typeof``), the
@@ -81,9 +82,10 @@ def make_data(batch_size: int = 256):
 
 
 def make_optimizer():
-  # Block 32: the 64x64 kernel is 4 blocks; 16 blocks' factors in all.
+  # Block 8: the 64x64 kernel is 8 x 8 blocks, so its factors split over 8
+  # devices (by block rows, which FSDP puts one per device).
   return shampoo_optax.shampoo(
-      3e-3, block_size=32, precondition_every=2, weight_decay=1e-4,
+      3e-3, block_size=8, precondition_every=2, weight_decay=1e-4,
       shard_axes="data")
 
 
@@ -157,13 +159,13 @@ def train(pattern: str, steps: int):
 def describe(pattern, losses, params, opt_state) -> str:
   shampoo_state = opt_state[0]
   stacks = ", ".join(
-      f"{s.shape}->{s.addressable_shards[0].data.shape}"
+      f"{s.shape[:-2]}->{s.addressable_shards[0].data.shape[:-2]}"
       for s in shampoo_state.stats)
   kernel = params["params"]["Dense_1"]["kernel"]
   momentum = shampoo_state.mu["params"]["Dense_1"]["kernel"]
   return (
-      f"{pattern:>8}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; statistics"
-      f" (global->per device) {stacks}; Dense_1 kernel"
+      f"{pattern:>8}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; blocks of"
+      f" each factor (global->per device) {stacks}; Dense_1 kernel"
       f" {tuple(kernel.sharding.spec)}, its momentum"
       f" {tuple(momentum.sharding.spec)}")
 

@@ -634,10 +634,12 @@ def scale_by_shampoo(
   def check_state(plan, paths, leaves, treedef, state):
     expected = [f.shape for f in plan.factors]
     got = [tuple(s.shape) for s in state.stats]
+    # A traced b1 (optax.inject_hyperparams) momentum iff init made it.
     for name, field, wanted in (("graft", state.graft,
                                  _grafting.has_accumulator(graft)),
                                 ("b1", state.mu, use_momentum)):
-      if (field is not None) != wanted:
+      if (field is not None) != wanted and not (name == "b1" and
+                                                _is_traced(b1)):
         value = graft if name == "graft" else b1
         raise ValueError(
             f"scale_by_shampoo: the state was made with another {name}:"
@@ -714,7 +716,7 @@ def scale_by_shampoo(
     directions = _graft(plan, grafted.direction, preconditioned, use_shampoo,
                         graft)
     mu = None
-    if use_momentum:
+    if state.mu is not None:
       mu_leaves = jax.tree.leaves(state.mu)
       mus = [plan.stack([m.astype(jnp.float32) for m in mu_leaves], f)
              for f in range(len(plan.families))]

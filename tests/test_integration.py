@@ -15,6 +15,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
@@ -600,3 +601,150 @@ def test_diagnostics_after_failed_root_and_nonfinite_step():
 
 if __name__ == "__main__":
   _ckpt_child(sys.argv[1], sys.argv[2])
+
+
+# ---------------------------------------------------------------- Review
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_x64_keeps_dtypes_and_numbers(dtype):
+  grads = [tree_rng(PARAMS, seed) for seed in range(4)]
+  expected, _ = run_updates(REF, grads)
+  with jax.enable_x64(True):
+    cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+    tx = shampoo_optax.shampoo(1e-2, **SMALL)
+    state = tx.init(cast(PARAMS))
+    types = jax.tree.map(jax.typeof, state)
+    update = jax.jit(tx.update)
+    got = []
+    for g in grads:
+      u, state = update(cast(g), state, cast(PARAMS))
+      assert jax.tree.map(jax.typeof, state) == types
+      assert {x.dtype for x in jax.tree.leaves(u)} == {jnp.dtype(dtype)}
+      got.append(u)
+  for u, e in zip(got, expected):
+    assert_trees_close(jax.tree.map(lambda x: x.astype(jnp.float32), u), e,
+                       rtol=1e-5)
+
+
+def run_updates(tx, grads):
+  state, update = tx.init(PARAMS), jax.jit(tx.update)
+  out = []
+  for g in grads:
+    u, state = update(g, state, PARAMS)
+    out.append(u)
+  return out, state
+
+
+def test_static_options_are_every_option_but_the_floats():
+  import inspect  # pylint: disable=g-import-not-at-top
+  options = set(inspect.signature(shampoo_optax.shampoo).parameters)
+  floats = set(shampoo_optax._shampoo.FLOAT_OPTIONS)
+  assert floats <= options
+  assert set(shampoo_optax.STATIC_OPTIONS) == options - floats
+  assert set(inspect.signature(shampoo_optax.scale_by_shampoo).parameters) <= (
+      options)
+
+
+def test_inject_hyperparams_keeps_the_weight_decay_mask():
+  tx = optax.inject_hyperparams(
+      shampoo_optax.shampoo, static_args=shampoo_optax.STATIC_OPTIONS)(
+          learning_rate=0.01, weight_decay=0.1, b1=0.0, graft="sgd",
+          start_preconditioning_step=100,
+          mask=lambda p: jax.tree.map(lambda x: x.ndim == 2, p))
+  params = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params),
+                                  tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.011, rtol=1e-6)
+  np.testing.assert_allclose(updates["b"], -0.010, rtol=1e-6)
+
+
+def test_inject_hyperparams_and_traced_floats_under_an_explicit_mesh():
+  mesh = jax.make_mesh((1,), ("data",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    params = jax.tree.map(lambda x: jax.sharding.reshard(x, P()), PARAMS)
+    grads = jax.tree.map(lambda x: jax.sharding.reshard(x, P()),
+                         tree_rng(PARAMS, 1))
+    for shard_axes in (None, "data"):
+      tx = optax.inject_hyperparams(
+          shampoo_optax.shampoo, static_args=shampoo_optax.STATIC_OPTIONS)(
+              learning_rate=1e-2, b2=0.99, shard_axes=shard_axes, **SMALL)
+      state = jax.jit(tx.init)(params)
+      updates, _ = jax.jit(tx.update)(grads, state, params)
+      assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+    @jax.jit
+    def with_traced_b2(b2):
+      tx = shampoo_optax.scale_by_shampoo(b2=b2, **SMALL)
+      return tx.update(grads, tx.init(params))[0]
+
+    traced = with_traced_b2(jnp.float32(0.99))
+  plain = shampoo_optax.scale_by_shampoo(b2=0.99, **SMALL)
+  expected = plain.update(tree_rng(PARAMS, 1), plain.init(PARAMS))[0]
+  assert_trees_close(traced, expected, rtol=1e-6)
+
+
+def test_skipped_steps_do_not_advance_a_schedule():
+  """Where skipping holds, and the recipe for optax.inject_hyperparams."""
+  schedule = lambda count: 1e-2 * (1.0 + count)
+  bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), PARAMS)
+  good = tree_rng(PARAMS, 5)
+  options = dict(b1=0.0, graft="sgd", start_preconditioning_step=100)
+  recipes = {
+      # The schedule inside shampoo: skipped steps do not count.
+      "alias": shampoo_optax.shampoo(schedule, **options),
+      # Under inject_hyperparams the wrapper counts every call; apply_if_finite
+      # keeps it from seeing the bad ones.
+      "inject": optax.apply_if_finite(
+          optax.inject_hyperparams(
+              shampoo_optax.shampoo,
+              static_args=shampoo_optax.STATIC_OPTIONS)(
+                  learning_rate=schedule, **options),
+          max_consecutive_errors=10),
+  }
+  for name, tx in recipes.items():
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    for _ in range(3):
+      _, state = update(bad, state, PARAMS)
+    u, _ = update(good, state, PARAMS)
+    assert_trees_close(u, jax.tree.map(lambda g: -1e-2 * g, good), rtol=1e-6)
+    del name
+
+
+def test_errors_name_the_option():
+  params = {"w": jnp.zeros((6, 5)), "b": jnp.zeros(5)}
+  grads = tree_rng(params, 0)
+  state = shampoo_optax.scale_by_shampoo(block_size=4).init(params)
+  with pytest.raises(ValueError, match="other options.*block_size"):
+    shampoo_optax.scale_by_shampoo(block_size=8).update(grads, state)
+  sgd_state = shampoo_optax.scale_by_shampoo(graft="sgd").init(params)
+  with pytest.raises(ValueError, match="graft='adam'"):
+    shampoo_optax.scale_by_shampoo(graft="adam").update(grads, sgd_state)
+  no_momentum = shampoo_optax.scale_by_shampoo(b1=0.0).init(params)
+  with pytest.raises(ValueError, match="b1=0.9"):
+    shampoo_optax.scale_by_shampoo(b1=0.9).update(grads, no_momentum)
+  for bad in (0, ("data", 1), (), ("x", "x")):
+    with pytest.raises(TypeError, match="shard_axes"):
+      shampoo_optax.scale_by_shampoo(shard_axes=bad)
+  with pytest.raises(ValueError, match=r"b1 must be in \[0.0, 1.0\)"):
+    shampoo_optax.scale_by_shampoo(b1=1.0)
+  with pytest.raises(ValueError, match="refresh must be one of"):
+    shampoo_optax.scale_by_shampoo(refresh="some")
+  with pytest.raises(TypeError, match="preconditioner_dtype"):
+    shampoo_optax.scale_by_shampoo(preconditioner_dtype=jnp.int8)
+
+
+def test_python_scalars_are_leaves_like_in_optax_adam():
+  params = {"w": jnp.ones((4, 3)), "scale": 1.0, "count": np.float32(2.0)}
+  tx = shampoo_optax.shampoo(1e-2)
+  state = tx.init(params)
+  grads = jax.tree.map(lambda x: 0.5 * jnp.asarray(x), params)
+  updates, _ = tx.update(grads, state, params)
+  # Scalars get the grafted Adam step, as in optax.adam.
+  adam = optax.adam(1e-2, b1=0.9, b2=0.999)
+  expected, _ = adam.update(grads, adam.init(params), params)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  assert_close(updates["scale"], expected["scale"], rtol=1e-5)
+  assert_close(updates["count"], expected["count"], rtol=1e-5)

@@ -22,12 +22,19 @@ import shampoo_optax
 
 pytestmark = pytest.mark.multidevice
 
-# Block 8: group (8, 8) has 15 blocks (w1: 8, w2: 4, w3: 3) and group (8, 4)
-# one (w4), so bucket (8, 4) holds 2 * 15 + 1 = 31 factors, padded to 32 on 8
-# devices (4 per device), and bucket (4, 4) one, padded to 8. b is diagonal.
-SHAPES = {"w1": (32, 16), "w2": (16, 16), "w3": (24, 8), "w4": (8, 4),
-          "b": (16,)}
-OPTIONS = dict(block_size=8, precondition_every=2, start_preconditioning_step=1)
+# Block 8. "layers" is 8 stacked 16 x 16 layers (2 x 2 blocks each), "w1" is
+# 8 x 2 blocks, "w2" 3 x 2 blocks; "b" is diagonal. On 8 devices the factors
+# of "layers" split along their units, those of "w1" along its block rows
+# (as FSDP splits w1 itself), and those of "w2" (no axis 8 divides) stay
+# whole.
+SHAPES = {"layers": (8, 16, 16), "w1": (64, 16), "w2": (24, 16), "b": (16,)}
+LAYER_AXES = {"layers": 0, "w1": None, "w2": None, "b": None}
+OPTIONS = dict(block_size=8, precondition_every=2, start_preconditioning_step=1,
+               layer_axes=LAYER_AXES)
+# The split of each factor's batch axes [units, *grid] on 8 devices, in the
+# order of the state: layers (2 factors), w1 (2), w2 (2).
+SPLIT_8 = [("data", None, None)] * 2 + [(None, "data", None)] * 2 + [
+    (None, None, None)] * 2
 
 
 def make_params(seed=0):
@@ -47,7 +54,7 @@ def mesh_of(count, axis_type=AxisType.Explicit, names=("data",), shape=None):
 
 
 def fsdp_spec(shape):
-  return P("data", None) if len(shape) == 2 and shape[0] % 8 == 0 else P()
+  return P("data") if len(shape) >= 2 and shape[0] % 8 == 0 else P()
 
 
 def run_steps(tx, params, steps, state=None):
@@ -75,6 +82,10 @@ def single_device_updates(steps, root_method="auto"):
 def _single_device_updates(root_method, steps=4):
   tx = shampoo_optax.shampoo(1.0, root_method=root_method, **OPTIONS)
   return run_steps(tx, make_params(), steps)[0]
+
+
+def single_device_state():
+  return shampoo_optax.scale_by_shampoo(**OPTIONS).init(make_params())
 
 
 def assert_updates_close(actual, expected):
@@ -108,11 +119,14 @@ def test_explicit_sharding_types_stable_and_split(layout):
     updates, new_state = jax.jit(tx.update)(params, state, params)
     assert jax.tree.map(jax.typeof, new_state) == types
   shampoo_state = state[0]
-  assert [s.shape for s in shampoo_state.stats] == [(32, 8, 8), (8, 4, 4)]
-  for stack in shampoo_state.stats + shampoo_state.preconditioners:
-    assert jax.typeof(stack).sharding.spec == P("data", None, None)
-    n, d, _ = stack.shape
-    assert shard_shapes(stack) == {(n // 8, d, d)}
+  assert [s.shape for s in shampoo_state.stats] == [
+      (8, 2, 2, 9, 4)] * 2 + [(1, 8, 2, 9, 4)] * 2 + [(1, 3, 2, 9, 4)] * 2
+  for i, split in enumerate(SPLIT_8):
+    for stack in (shampoo_state.stats[i], shampoo_state.preconditioners[i],
+                  shampoo_state.refreshed_at[i]):
+      assert tuple(jax.typeof(stack).sharding.spec)[:3] == split
+      local = tuple(n // (8 if a else 1) for n, a in zip(stack.shape, split))
+      assert shard_shapes(stack) == {local + stack.shape[3:]}
   for tree in (shampoo_state.graft, shampoo_state.mu, updates):
     for name, leaf in tree.items():
       assert leaf.sharding.spec == params[name].sharding.spec, name
@@ -122,7 +136,7 @@ def test_no_mesh_is_single_device_and_missing_axes_are_named():
   # shard_axes=None without a mesh: the plain single-device program.
   tx = shampoo_optax.scale_by_shampoo(**OPTIONS)
   state = tx.init(make_params())
-  assert [s.shape for s in state.stats] == [(31, 8, 8), (1, 4, 4)]
+  assert len(state.stats) == len(SPLIT_8)
   with pytest.raises(ValueError, match=r"no mesh is set.*jax.set_mesh"):
     shampoo_optax.scale_by_shampoo(shard_axes="data").init(make_params())
   with jax.set_mesh(mesh_of(8)):
@@ -146,8 +160,11 @@ def test_pjit_way_with_state_shardings_in_a_chain():
   params = jax.device_put(make_params(), param_sh)
   state_sh = shampoo_optax.state_shardings(tx, params, mesh)
   shampoo_sh = state_sh[1][0]
-  for sharding in shampoo_sh.stats + shampoo_sh.preconditioners:
-    assert same(sharding, NamedSharding(mesh, P("data")), 3)
+  # On an Auto mesh the update cannot see the parameters' shardings: the
+  # factors split over shard_axes alone, here alike.
+  for i, split in enumerate(SPLIT_8):
+    for sharding in (shampoo_sh.stats[i], shampoo_sh.preconditioners[i]):
+      assert same(sharding, NamedSharding(mesh, P(*split)), 5)
   for tree in (shampoo_sh.mu, shampoo_sh.graft):
     for name, sharding in tree.items():
       assert same(sharding, param_sh[name], len(SHAPES[name])), name
@@ -185,7 +202,9 @@ def test_numerics_do_not_depend_on_device_count(root_method, counts):
     with jax.set_mesh(mesh_of(count)):
       params = make_params()
       outs, state = run_steps(tx, params, 2)
-    assert state[0].stats[0].shape[0] == -(-31 // count) * count
+    # The shapes do not depend on the mesh either.
+    assert [s.shape for s in state[0].stats] == [
+        s.shape for s in single_device_state().stats]
     assert_updates_close(outs, expected)
 
 
@@ -194,66 +213,92 @@ def test_two_dimensional_mesh(shard_axes):
   mesh = mesh_of(8, names=("data", "model"), shape=(4, 2))
   tx = shampoo_optax.shampoo(1.0, shard_axes=shard_axes, **OPTIONS)
   with jax.set_mesh(mesh):
-    params = {k: jax.sharding.reshard(
-        v, P("data", "model") if k in ("w1", "w2") else P())
+    params = {k: jax.sharding.reshard(v, P("data", "model") if k == "w1"
+                                      else P())
               for k, v in make_params().items()}
     outs, state = run_steps(tx, params, 2)
   assert outs[-1]["w1"].sharding.spec == P("data", "model")
-  shards = 8 if isinstance(shard_axes, tuple) else 2
-  stack = state[0].stats[0]
-  assert shard_shapes(stack) == {(stack.shape[0] // shards, 8, 8)}
+  # w1's factors follow its split: block rows over "data" (2 of 8 per
+  # device), block columns over "model" (1 of 2); the unsplit layers' factors
+  # split their units over shard_axes.
+  specs = [tuple(jax.typeof(s).sharding.spec)[:3] for s in state[0].stats]
+  assert specs[2] == (None, "data", "model")
+  assert specs[0] == (shard_axes, None, None)
   assert_updates_close(outs, single_device_updates(2))
 
 
-def _compiled_step(root_method):
+def _compiled_step(root_method, fsdp=False):
+  """The compiled update on 8 devices: data parallel, or FSDP (explicit)."""
   tx = shampoo_optax.scale_by_shampoo(
-      block_size=8, precondition_every=1, start_preconditioning_step=0,
+      **{**OPTIONS, "precondition_every": 1, "start_preconditioning_step": 0},
       root_method=root_method, shard_axes="data")
-  mesh = mesh_of(8, AxisType.Auto)
-  params = jax.device_put(make_params(), NamedSharding(mesh, P()))
-  with jax.set_mesh(mesh):
+  if not fsdp:
+    mesh = mesh_of(8, AxisType.Auto)
+    params = jax.device_put(make_params(), NamedSharding(mesh, P()))
+    with jax.set_mesh(mesh):
+      state = jax.jit(tx.init)(params)
+      return jax.jit(tx.update).lower(params, state).compile()
+  with jax.set_mesh(mesh_of(8)):
+    params = {k: jax.sharding.reshard(v, fsdp_spec(v.shape))
+              for k, v in make_params().items()}
     state = jax.jit(tx.init)(params)
-    return jax.jit(tx.update).lower(params, state).compile().as_text()
+    return jax.jit(tx.update).lower(params, state).compile()
 
 
 def _collectives(hlo):
-  """(op, [shapes]) of every collective in a compiled HLO module."""
+  """(op, bytes) of every collective in a compiled HLO module."""
   pattern = (r"= (.*?) (all-gather|all-reduce|all-to-all|"
              r"collective-permute|reduce-scatter)(?:-start)?\(")
-  return [(op, re.findall(r"\w+\[[\d,]*\]", shapes))
+  size = lambda shape: 4 * int(np.prod([int(d) for d in shape.split(",") if d]))
+  return [(op, sum(size(d) for d in re.findall(r"f32\[([\d,]*)\]", shapes)))
           for shapes, op in re.findall(pattern, hlo)]
 
 
+def _param_bytes(names):
+  return sum(4 * int(np.prod(SHAPES[n])) for n in names)
+
+
 @pytest.mark.parametrize("root_method", ["eigh", "newton"])
-def test_compiled_refresh_inverts_only_local_rows(root_method):
-  """The bucket [32, 8, 8] is never whole on a device: roots run on [4, 8, 8]."""
-  hlo = _compiled_step(root_method)
-  assert "f32[32,8,8]" not in hlo  # No device ever holds a whole stack.
+def test_data_parallel_step_inverts_local_rows_and_moves_no_roots(
+    root_method):
+  hlo = _compiled_step(root_method).as_text()
+  # No device holds a whole split factor: layers' [8, 2, 2, 9, 4] is
+  # [1, 2, 2, 9, 4] per device, w1's [1, 8, 2, 9, 4] is [1, 1, 2, 9, 4].
+  assert "f32[8,2,2,9,4]" not in hlo and "f32[1,8,2,9,4]" not in hlo
+  assert "f32[1,2,2,9,4]" in hlo and "f32[1,1,2,9,4]" in hlo
+  # Every 8 x 8 root of a device's share is one batch: layers 2 x 4, w1
+  # 2 x 2, and w2 (whole on every device) 2 x 6 matrices.
   if root_method == "eigh":
-    # CPU LAPACK: one matrix at a time, looping over the device's 4 rows (see
-    # _sharding._one_row_at_a_time); never a batch of the whole stack.
+    # CPU LAPACK, one matrix at a time, looping over the 24 rows.
     eighs = re.findall(r"= \(f32\[([\d,]*)\].*lapack_ssyevd", hlo)
-    assert eighs and set(eighs) <= {"8,8", "4,4"}, eighs
-    loops = [line for line in hlo.splitlines() if " while(" in line]
-    assert any("f32[4,8,8]" in line for line in loops)
+    assert eighs and set(eighs) <= {"8,8"}, eighs
+    assert any("f32[24,8,8]" in line for line in hlo.splitlines()
+               if " while(" in line)
   else:
-    newton = re.findall(r"f32\[(\d+),8,8\]\{[\d,]*\} dot\(", hlo)
-    assert "4" in newton and "32" not in newton
-  # Owner computes: roots move to block owners (collective-permute), the
-  # preconditioned blocks are all-gathered, scalars reduced; the statistics
-  # are never gathered.
+    newton = {int(n) for n in re.findall(r"f32\[(\d+),8,8\]\{[\d,]*\} dot\(",
+                                         hlo)}
+    assert max(newton) == 24, newton
+  # Roots never move; the one large collective is the all-gather of the
+  # update (the preconditioned blocks of the split factors), the rest are
+  # scalars and per-unit norms.
   collectives = _collectives(hlo)
-  assert {op for op, _ in collectives} <= {
-      "all-gather", "collective-permute", "all-reduce"}, collectives
-  gathered = [s for op, shapes in collectives if op == "all-gather"
-              for s in shapes]
-  # The preconditioned blocks of group (8, 8): 15, as 8 shards of 2.
-  assert gathered == ["f32[16,8,8]"], gathered
-  reduced = {s for op, shapes in collectives if op == "all-reduce"
-             for s in shapes}
-  # Scalars (diagnostics, norms), and the one block of group (8, 4), which
-  # only its owner computes: XLA broadcasts it with an all-reduce.
-  assert reduced <= {"f32[]", "s32[]", "f32[1,8,4]"}, reduced
+  assert {op for op, _ in collectives} <= {"all-gather", "all-reduce"}
+  gathered = sum(b for op, b in collectives if op == "all-gather")
+  assert gathered <= _param_bytes(("layers", "w1")), collectives
+  assert all(b <= 4 * 8 for op, b in collectives if op == "all-reduce")
+
+
+def test_fsdp_step_gathers_no_gradient():
+  """FSDP: statistics, roots and preconditioning stay on the shard."""
+  compiled = _compiled_step("eigh", fsdp=True)
+  collectives = _collectives(compiled.as_text())
+  # w2 (split 3 rows per device, not whole blocks) is reshuffled into its
+  # blocks; nothing of "layers" or "w1" crosses devices but scalars and
+  # per-unit norms.
+  moved = sum(b for op, b in collectives if op != "all-reduce")
+  assert moved <= 2 * _param_bytes(("w2",)), collectives
+  assert all(b <= 4 * 8 for op, b in collectives if op == "all-reduce"), (
+      collectives)
 
 
 def test_orbax_restore_onto_other_device_counts(tmp_path):
@@ -264,17 +309,11 @@ def test_orbax_restore_onto_other_device_counts(tmp_path):
   def restore(path, count):
     mesh = mesh_of(count)
     params = jax.device_put(make_params(), NamedSharding(mesh, P()))
-    shardings = shampoo_optax.state_shardings(tx, params, mesh)
-    with jax.set_mesh(mesh):
-      shapes = jax.eval_shape(tx.init, params)
-    target = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        shapes, shardings)
+    target = shampoo_optax.abstract_state(tx, params, mesh)
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-      # strict=False: the stacks' inert padding rows differ between device
-      # counts (zeros are appended or dropped at the end).
-      state = checkpointer.restore(
-          path, args=ocp.args.StandardRestore(target, strict=False))
+      # Strict: the state's shapes do not depend on the mesh.
+      state = checkpointer.restore(path,
+                                   args=ocp.args.StandardRestore(target))
     with jax.set_mesh(mesh):
       return run_steps_from(params, state, 2)
 
@@ -311,9 +350,9 @@ def test_flax_training_under_three_usage_patterns(capsys):
                                                expected), 2), pattern
     mu = state[0].mu["params"]["Dense_1"]["kernel"]
     assert same(mu.sharding, kernel.sharding, 2), pattern
-    for stack in state[0].stats + state[0].preconditioners:
-      n, d, _ = stack.shape
-      assert shard_shapes(stack) == {(n // 8, d, d)}, pattern
+    # Dense_1's 8 x 8 blocks: a row of 8 blocks per device.
+    for stack in state[0].stats[2:4] + state[0].preconditioners[2:4]:
+      assert shard_shapes(stack) == {(1, 1, 8, 9, 4)}, pattern
   # Same data, same initialization: the three patterns agree.
   assert_close(results["fsdp"][0], results["explicit"][0], rtol=1e-5)
   assert_close(results["pjit"][0], results["explicit"][0], rtol=1e-5)

@@ -78,9 +78,12 @@ class ShampooState(NamedTuple):
       ``preconditioner_dtype``.
     refreshed_at: one int32 array ``[n, *grid]`` per factor: the step
       (0-based) at which each root was last accepted, -1 for never.
-    graft: per-leaf float32 accumulators of the grafted optimizer, or
-      ``None`` for ``"sgd"``/``"none"`` grafting.
-    mu: per-leaf momentum, or ``None`` when ``b1 == 0``.
+    graft: float32 accumulators of the grafted optimizer, one
+      ``[units, *shape]`` array per family (the parameters' units stacked
+      as the gradients are, see `shampoo_optax._blocks`), or ``None`` for
+      ``"sgd"``/``"none"`` grafting.
+    mu: momentum, one ``[units, *shape]`` array per family in ``mu_dtype``,
+      or ``None`` when ``b1 == 0``.
     diagnostics: `ShampooDiagnostics`.
   """
 
@@ -604,15 +607,23 @@ def scale_by_shampoo(
     return plan, paths, leaves, treedef
 
   def init_fn(params):
-    plan, _, leaves, treedef = plan_for(params)
+    plan, _, leaves, _ = plan_for(params)
     specs = _sharding.factor_batch_specs(
         plan, [_sharding.leaf_spec(x) for x in leaves], shard_axes)
     eye = lambda f: _symmetric.pack(jnp.eye(f.dim, dtype=preconditioner_dtype))
     place = lambda xs: tuple(_sharding.constrain(x, s)
                              for x, s in zip(xs, specs))
-    # zeros_like keeps each parameter's sharding (explicit mode).
-    per_leaf = lambda dtype: jax.tree.unflatten(treedef, [
-        jnp.zeros_like(x, dtype=dtype or x.dtype) for x in leaves])
+    leaf_specs = [_sharding.leaf_spec(x) for x in leaves]
+
+    def per_family(dtype):
+      # Each family's arrays split like its leaves (explicit sharding).
+      return tuple(
+          _sharding.constrain(
+              jnp.zeros((fam.units,) + fam.shape,
+                        dtype or leaves[fam.members[0].leaf].dtype),
+              _sharding.family_spec(plan, f, leaf_specs))
+          for f, fam in enumerate(plan.families))
+
     return ShampooState(
         count=jnp.zeros([], jnp.int32),
         stats=place(jnp.zeros(f.shape, jnp.float32) for f in plan.factors),
@@ -620,9 +631,9 @@ def scale_by_shampoo(
                               for f in plan.factors),
         refreshed_at=place(jnp.full(f.batch_shape, -1, jnp.int32)
                            for f in plan.factors),
-        graft=per_leaf(jnp.float32) if _grafting.has_accumulator(graft)
+        graft=per_family(jnp.float32) if _grafting.has_accumulator(graft)
         else None,
-        mu=per_leaf(mu_dtype) if use_momentum else None,
+        mu=per_family(mu_dtype) if use_momentum else None,
         diagnostics=ShampooDiagnostics(
             root_failures=jnp.zeros([], jnp.int32),
             max_root_error=jnp.zeros([], jnp.float32),
@@ -647,17 +658,15 @@ def scale_by_shampoo(
             f" {'accumulators' if name == 'graft' else 'momentum'}, the state"
             f" {'has none' if wanted else 'has them'}. Call init again with"
             " this transformation.")
-    per_leaf = state.graft if state.graft is not None else state.mu
-    if per_leaf is not None and (
-        jax.tree.structure(per_leaf) != treedef
-        or [tuple(x.shape) for x in jax.tree.leaves(per_leaf)]
-        != [tuple(x.shape) for x in leaves]):
-      raise ValueError(
-          "scale_by_shampoo: the updates do not match the tree given to init"
-          " (structure or leaf shapes): got "
-          f"{[(jax.tree_util.keystr(k), tuple(x.shape)) for k, x in zip(paths, leaves)]},"
-          " init had "
-          f"{[(jax.tree_util.keystr(k), tuple(x.shape)) for k, x in jax.tree_util.tree_leaves_with_path(per_leaf)]}.")
+    families = [(fam.units,) + fam.shape for fam in plan.families]
+    for field in (state.graft, state.mu):
+      if field is not None and [tuple(x.shape) for x in field] != families:
+        raise ValueError(
+            "scale_by_shampoo: the updates do not match the tree given to"
+            " init: their units stack as "
+            f"{families}, the state's as {[tuple(x.shape) for x in field]};"
+            " leaves: "
+            f"{[(jax.tree_util.keystr(k), tuple(x.shape)) for k, x in zip(paths, leaves)]}.")
     if got != expected:
       raise ValueError(
           "scale_by_shampoo: the state's statistics have shapes"
@@ -667,7 +676,7 @@ def scale_by_shampoo(
           " init with this transformation, or build it with the options the"
           " state was made with.")
 
-  def update_core(leaves, state, floats, plan, specs, treedef):
+  def update_core(leaves, state, floats, plan, specs):
     floats = _Floats(*(jnp.asarray(x, jnp.float32) for x in floats))
     count = state.count
     step = optax.safe_increment(count)
@@ -706,25 +715,32 @@ def scale_by_shampoo(
                       if fam.preconditioned},
         blocks, roots)
 
-    accumulators = None
-    if state.graft is not None:
-      acc_leaves = jax.tree.leaves(state.graft)
-      accumulators = [plan.stack(acc_leaves, f)
-                      for f in range(len(plan.families))]
+    # Without skip_nonfinite, `finite` is a constant True and the selects
+    # below fold away.
+    keep = lambda new, old: tuple(
+        jnp.where(finite, n, o).astype(o.dtype) for n, o in zip(new, old))
+    accumulators = None if state.graft is None else list(state.graft)
     grafted = _grafting.graft_direction(graft, stacked, accumulators, step,
                                         floats.graft_b2, floats.graft_eps)
     directions = _graft(plan, grafted.direction, preconditioned, use_shampoo,
                         graft)
+    graft_state = None
+    if accumulators is not None:
+      graft_state = keep(grafted.accumulators, state.graft)
     mu = None
     if state.mu is not None:
-      mu_leaves = jax.tree.leaves(state.mu)
-      mus = [plan.stack([m.astype(jnp.float32) for m in mu_leaves], f)
-             for f in range(len(plan.families))]
-      directions, mus = _momentum(directions, mus, step, floats.b1,
-                                  nesterov=nesterov, heavy_ball=heavy_ball)
-      mu = jax.tree.unflatten(treedef, [
-          m.astype(old.dtype)
-          for m, old in zip(plan.unstack_tree(mus), mu_leaves)])
+      directions, new_mus = _momentum(
+          directions, [m.astype(jnp.float32) for m in state.mu], step,
+          floats.b1, nesterov=nesterov, heavy_ball=heavy_ball)
+      mu = keep(new_mus, state.mu)
+    # The per-leaf work is only this: a slice of each family, cast. The
+    # barrier makes XLA compute the families once instead of copying their
+    # whole elementwise expression into every leaf's slice (compile time).
+    directions = jax.lax.optimization_barrier(
+        [jnp.where(finite, d, 0.0) for d in directions])
+    updates = [
+        d.astype(g.dtype) for d, g in zip(
+            plan.unstack_tree(directions), leaves)]
 
     refreshed = hi > lo
     failures = sum((jnp.sum(r, dtype=jnp.int32) for r in rejected),
@@ -732,37 +748,25 @@ def scale_by_shampoo(
     max_error = functools.reduce(jnp.maximum, (
         jnp.max(jnp.where(jnp.isnan(e), jnp.inf, e), initial=0.0)
         for e in errors), jnp.zeros([], jnp.float32))
-    old_diag = state.diagnostics
+    diagnostics = state.diagnostics
+    # The statistics and roots are already guarded (by update_now and empty
+    # refresh phases).
     new_state = ShampooState(
-        count=step,
+        count=jnp.where(finite, step, count),
         stats=tuple(stats),
         preconditioners=tuple(roots),
         refreshed_at=tuple(refreshed_at),
-        graft=None if grafted.accumulators is None else jax.tree.unflatten(
-            treedef,
-            plan.unstack_tree(grafted.accumulators)),
+        graft=graft_state,
         mu=mu,
-        diagnostics=old_diag._replace(
-            root_failures=old_diag.root_failures + failures,
+        diagnostics=ShampooDiagnostics(
+            root_failures=diagnostics.root_failures + failures,
             max_root_error=jnp.where(refreshed, max_error,
-                                     old_diag.max_root_error),
+                                     diagnostics.max_root_error),
             last_refresh_step=jnp.where(refreshed, count,
-                                        old_diag.last_refresh_step)),
+                                        diagnostics.last_refresh_step),
+            nonfinite_steps=diagnostics.nonfinite_steps
+            + (~finite).astype(jnp.int32)),
     )
-    updates = [d.astype(g.dtype)
-               for d, g in zip(plan.unstack_tree(directions), leaves)]
-    if skip_nonfinite:
-      # The statistics and roots are already guarded (by update_now and
-      # empty refresh phases).
-      keep_old = lambda new, old: jnp.where(finite, new, old)
-      new_state = new_state._replace(
-          count=keep_old(step, count),
-          graft=jax.tree.map(keep_old, new_state.graft, state.graft),
-          mu=jax.tree.map(keep_old, new_state.mu, state.mu),
-          diagnostics=new_state.diagnostics._replace(
-              nonfinite_steps=old_diag.nonfinite_steps
-              + (~finite).astype(jnp.int32)))
-      updates = [jnp.where(finite, u, jnp.zeros_like(u)) for u in updates]
     return updates, new_state
 
   def update_fn(updates, state, params=None):
@@ -782,8 +786,7 @@ def scale_by_shampoo(
           plan, [(None,) * x.ndim for x in leaves], shard_axes)
     # The float options are arguments, not closed over: under explicit
     # sharding they must cross into `in_auto_mode` like every traced value.
-    core = functools.partial(update_core, plan=plan, specs=specs,
-                             treedef=treedef)
+    core = functools.partial(update_core, plan=plan, specs=specs)
     new_leaves, new_state = _sharding.in_auto_mode(core)(leaves, state, floats)
     return jax.tree.unflatten(treedef, new_leaves), new_state
 

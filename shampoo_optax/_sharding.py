@@ -173,6 +173,29 @@ def factor_batch_specs(plan, leaf_specs, shard_axes) -> list[tuple]:
   return specs
 
 
+def family_spec(plan, family: int, leaf_specs) -> tuple[AxisEntry, ...]:
+  """The split of a family's ``[units, *shape]`` arrays, from its leaves'.
+
+  A family axis follows its leaves' split when every member splits it
+  alike: the units axis as the (first) layer axis, a merged axis as its
+  major leaf axis (the minor ones whole). Otherwise it is whole.
+  """
+  fam = plan.families[family]
+  per_member = []
+  for m in fam.members:
+    spec = leaf_specs[m.leaf]
+    layer = [spec[a] for a in m.layer_axes]
+    units = layer[0] if layer and not any(layer[1:]) else None
+    axes = [spec[a[0]] if a and not any(spec[b] for b in a[1:]) else None
+            for a in m.merged_from]
+    if not fam.preconditioned:  # Unmerged: the unit axes themselves.
+      axes = [spec[a] for a in range(len(spec)) if a not in m.layer_axes]
+    per_member.append((units if len(fam.members) == 1 else None, *axes))
+  first = per_member[0]
+  return tuple(e if all(p[i] == e for p in per_member) else None
+               for i, e in enumerate(first))
+
+
 def is_sharded(batch_specs) -> bool:
   return any(e is not None for spec in batch_specs for e in spec)
 

@@ -417,3 +417,58 @@ def test_compiled_ops_do_not_grow_with_layers():
   few, many = lowered_ops(4), lowered_ops(32)
   assert few == many
   assert few["dot_general"] > 0
+
+
+# ---------------------------------------------------------------- refresh
+
+
+def test_staggered_refresh_spreads_the_roots_over_the_cycle():
+  """Every root every k steps, all at the start, about 1/k per step."""
+  k, start = 4, 2
+  tree = {"a": (24, 16), "b": (3, 8, 8), "c": (8, 40)}
+  rng = np.random.default_rng(0)
+  tx = shampoo_optax.scale_by_shampoo(
+      block_size=8, precondition_every=k, start_preconditioning_step=start,
+      refresh="staggered", layer_axes={"a": None, "b": 0, "c": None})
+  state = tx.init({n: jnp.zeros(s) for n, s in tree.items()})
+  update = jax.jit(tx.update)
+  rows = [int(np.prod(r.shape)) for r in state.refreshed_at]
+  for step in range(start + 3 * k):
+    grads = {n: jnp.asarray(rng.standard_normal(s), jnp.float32)
+             for n, s in tree.items()}
+    _, state = update(grads, state)
+    at = [np.asarray(r).ravel() for r in state.refreshed_at]
+    if step < start:
+      assert all(np.all(a == -1) for a in at)
+    elif step == start:  # Every root at the first refresh.
+      assert all(np.all(a == start) for a in at)
+    else:  # Each step: a share of every factor; no root older than k steps.
+      assert all(np.all(step - a < k) for a in at)
+      for a, n in zip(at, rows):
+        assert 0 < np.sum(a == step) <= -(-n // k)
+  assert int(state.diagnostics.last_refresh_step) == start + 3 * k - 1
+  assert int(state.diagnostics.root_failures) == 0
+
+
+def test_staggered_refresh_every_step_equals_all():
+  grads = random_grads((12, 10), steps=5, seed=3)
+  options = dict(block_size=8, precondition_every=1)
+  staggered, _ = run(shampoo_optax.scale_by_shampoo(
+      refresh="staggered", **options), grads)
+  every, _ = run(shampoo_optax.scale_by_shampoo(**options), grads)
+  for s, e in zip(staggered, every):
+    assert_close(s, e, rtol=1e-6)
+
+
+def test_bfloat16_roots_stay_close_to_float32():
+  grads = random_grads((24, 20), steps=6, seed=4)
+  options = dict(block_size=8, precondition_every=2)
+  low, state = run(shampoo_optax.scale_by_shampoo(
+      preconditioner_dtype=jnp.bfloat16, **options), grads)
+  full, _ = run(shampoo_optax.scale_by_shampoo(**options), grads)
+  assert {r.dtype for r in state.preconditioners} == {jnp.dtype(jnp.bfloat16)}
+  assert {s.dtype for s in state.stats} == {jnp.dtype(jnp.float32)}
+  # bfloat16 keeps 8 bits: the direction moves by about 2^-8 relative (step
+  # 0 is the grafted step alone).
+  for a, b in zip(low[1:], full[1:]):
+    assert 1e-5 < rel_err(a, b) < 2e-2

@@ -3,7 +3,7 @@
 """Shampoo vs AdamW on GPT-like decoders under FSDP, compiled but never run.
 
     python -m benchmarks.scale_bench [--sizes 125m 350m 1.3b] [--quick]
-        [--output-dir benchmarks/results]
+        [--repeats 3] [--shampoo-options JSON] [--output-dir DIR] [--name NAME]
 
 The picture at scale without the hardware: on 8 simulated CPU devices (the
 module sets ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX
@@ -72,7 +72,9 @@ as a projection of ``layer_axes``, with every stacked leaf cut into its
 ``L`` layers. At 8 devices the model of the mode used reproduces the
 measurement (recorded as ``model_matches_measured``).
 
-Writes ``<output-dir>/scale.json`` and ``<output-dir>/scale.md``.
+``--shampoo-options '{"max_precondition_dim": 8192}'`` changes Shampoo's
+options (recorded). Writes ``<output-dir>/<name>.json`` and ``.md``
+(``--name``, default ``scale``).
 """
 
 import os
@@ -114,8 +116,6 @@ AXIS = "fsdp"
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-4  # optax.adamw's default, given to both.
 _DEFAULTS = inspect.signature(shampoo_optax.shampoo).parameters
-BLOCK_SIZE = _DEFAULTS["block_size"].default
-MAX_PRECONDITION_DIM = _DEFAULTS["max_precondition_dim"].default
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
          "collective-permute")
 DEFAULT_OUTPUT = pathlib.Path(__file__).parent / "results"
@@ -235,20 +235,20 @@ def make_loss(config: Config):
 # Optimizers
 
 
-def shampoo_options(params) -> tuple[dict, dict]:
-  """Shampoo's keyword arguments, and how they are recorded in the results.
+def shampoo_options(params, overrides=None) -> tuple[dict, dict]:
+  """Shampoo's keyword arguments, and all of its options as recorded.
 
   ``layer_axes`` and ``refresh`` are passed only when the installed
-  `shampoo_optax.shampoo` has them.
+  `shampoo_optax.shampoo` has them; ``overrides`` replace defaults.
   """
-  accepted = _DEFAULTS
-  options = dict(weight_decay=WEIGHT_DECAY, shard_axes=AXIS)
-  if "layer_axes" in accepted:
+  options = dict(weight_decay=WEIGHT_DECAY, shard_axes=AXIS,
+                 **(overrides or {}))
+  if "layer_axes" in _DEFAULTS:
     options["layer_axes"] = layer_axes_of(params)
-  if "refresh" in accepted:
+  if "refresh" in _DEFAULTS:
     options["refresh"] = "staggered"
   recorded = {
-      name: p.default for name, p in accepted.items()
+      name: p.default for name, p in _DEFAULTS.items()
       if p.default is not inspect.Parameter.empty
   }
   recorded.update(options, learning_rate=LEARNING_RATE)
@@ -494,7 +494,8 @@ def single_device_state_bytes(tx, params) -> int:
 
 
 def state_model(config: Config, devices: int, per_layer: bool,
-                scalar_bytes: int) -> dict:
+                scalar_bytes: int, block_size: int,
+                max_precondition_dim: int) -> dict:
   """Shampoo's per-device state and roots at ``devices``, from the plan.
 
   Per-parameter state (grafting accumulator and momentum, float32) follows
@@ -517,8 +518,8 @@ def state_model(config: Config, devices: int, per_layer: bool,
                     else [shape])
 
   def stack_bytes(pad_multiple):
-    plan = _blocks.make_plan(tuple(plan_shapes), BLOCK_SIZE,
-                             MAX_PRECONDITION_DIM, None, pad_multiple)
+    plan = _blocks.make_plan(tuple(plan_shapes), block_size,
+                             max_precondition_dim, None, pad_multiple)
     return (2 * 4 * sum(n * d * d for (d, _), n in plan.buckets.items()),
             sum(plan.buckets.values()))
 
@@ -537,19 +538,22 @@ def state_model(config: Config, devices: int, per_layer: bool,
   )
 
 
-def measure(config: Config, repeats: int = 1, log=print) -> dict:
+def measure(config: Config, repeats: int = 1, overrides=None,
+            log=print) -> dict:
   """AdamW and Shampoo on one model size: measurements, targets, model.
 
   The compile seconds are the fastest of ``repeats`` rounds (the machine is
-  shared), each round AdamW then Shampoo, each a fresh jit.
+  shared), each round AdamW then Shampoo, each a fresh jit. ``overrides``:
+  Shampoo options other than its defaults.
   """
   mesh = jax.make_mesh((DEVICES,), (AXIS,), axis_types=(AxisType.Explicit,))
   params = abstract_params(config, mesh)
-  options, recorded = shampoo_options(params)
+  options, recorded = shampoo_options(params, overrides)
+  blocking = (recorded["block_size"], recorded["max_precondition_dim"])
   param_count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
   param_bytes = 4 * param_count
   plan = _blocks.make_plan(tuple(p.shape for p in jax.tree.leaves(params)),
-                           BLOCK_SIZE, MAX_PRECONDITION_DIM)
+                           *blocking)
   preconditioned = sum(
       math.prod(s) for s, m in zip(plan.shapes, plan.merged) if m)
   txs = dict(adamw=optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
@@ -599,7 +603,8 @@ def measure(config: Config, repeats: int = 1, log=print) -> dict:
     t["passed"] = bool(t["value"] <= t["limit"])
 
   per_layer_mode = "layer_axes" in options
-  model = [state_model(config, d, per_layer, shampoo["state_scalar_bytes"])
+  model = [state_model(config, d, per_layer, shampoo["state_scalar_bytes"],
+                       *blocking)
            for per_layer in (False, True) for d in MODEL_DEVICES]
   at_8 = next(m for m in model
               if m["devices"] == DEVICES and m["per_layer"] == per_layer_mode)
@@ -609,7 +614,8 @@ def measure(config: Config, repeats: int = 1, log=print) -> dict:
       preconditioned_param_fraction=preconditioned / param_count,
       mode=dict(sharding="explicit axes, jax.set_mesh",
                 layer_axes=per_layer_mode,
-                refresh=options.get("refresh", "not supported")),
+                refresh=options.get("refresh", "not supported"),
+                overrides=overrides or {}),
       shampoo_options=recorded,
       adamw_options=dict(learning_rate=LEARNING_RATE,
                          weight_decay=WEIGHT_DECAY),
@@ -642,10 +648,13 @@ def _by_kind(counts: dict) -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
   first = rows[0]
+  overrides = first["mode"]["overrides"]
   lines = [
       f"commit {meta['git']['commit']}; jax {meta['machine']['jax_version']};"
       f" {DEVICES} simulated CPU devices, mesh axis `{AXIS}` (explicit axes);"
-      f" compiled, never run. Shampoo: defaults (block {BLOCK_SIZE}), "
+      " compiled, never run. Shampoo: defaults"
+      + (f" except `{json.dumps(overrides)}`" if overrides else "")
+      + f" (block {first['shampoo_options']['block_size']}), "
       f"`shard_axes=\"{AXIS}\"`, layer_axes "
       f"{'passed' if first['mode']['layer_axes'] else 'not supported'}, "
       f"refresh {first['mode']['refresh']}. Per device; MiB unless noted.",
@@ -728,8 +737,12 @@ def main(argv=None):
                       help="only the ~20M toy config (a smoke test)")
   parser.add_argument("--repeats", type=int, default=3,
                       help="compile rounds; the fastest is reported")
+  parser.add_argument("--shampoo-options", default="{}",
+                      help="JSON of Shampoo options other than its defaults")
   parser.add_argument("--output-dir", type=pathlib.Path,
                       default=DEFAULT_OUTPUT)
+  parser.add_argument("--name", default="scale",
+                      help="results go to <output-dir>/<name>.{json,md}")
   args = parser.parse_args(argv)
   if jax.device_count() < DEVICES:
     raise SystemExit(f"needs {DEVICES} devices, found {jax.device_count()}"
@@ -738,13 +751,14 @@ def main(argv=None):
   rows = []
   for size in sizes:
     rows.append(measure(CONFIGS[size], args.repeats,
+                        json.loads(args.shampoo_options),
                         log=lambda s: print(s, flush=True)))
   meta = dict(git=run_lib.git_info(), machine=run_lib.machine_info())
   args.output_dir.mkdir(parents=True, exist_ok=True)
-  (args.output_dir / "scale.json").write_text(
+  (args.output_dir / f"{args.name}.json").write_text(
       json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
   text = markdown(rows, meta)
-  (args.output_dir / "scale.md").write_text(text)
+  (args.output_dir / f"{args.name}.md").write_text(text)
   print(text)
   return 0
 

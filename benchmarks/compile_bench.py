@@ -1,14 +1,23 @@
-"""Compile time of one train step vs the number of layers.
+"""Compile time of one train step, and of the update alone, vs layers.
 
     python -m benchmarks.compile_bench [--reference-path PATH]
-        [--layers 8 32 64] [--width 256] [--out benchmarks/results]
+        [--layers 8 32 64] [--widths 64 256] [--repeats 3]
+        [--out benchmarks/results]
 
 For MLPs of L equal-shaped layers (``width x width`` kernels plus biases) it
 measures, for ``optax.adamw``, ``shampoo_optax.shampoo`` and (with a path) the
 reference ``distributed_shampoo``, the wall time to trace+lower and to
-compile one jitted train step (forward, backward, optimizer update), the
-first call included, each in a fresh jit. It also counts, in the lowered
-StableHLO and in the compiled HLO, the ``eigh`` decompositions (LAPACK
+compile
+
+* one jitted train step (forward, backward, optimizer update), and
+* ``jax.jit(tx.update)`` alone (gradients, state, parameters as arguments),
+
+each in a fresh jit after ``jax.clear_caches()``. Per width and L, the
+optimizers are measured back to back in one process, ``--repeats`` rounds
+of every optimizer in turn; the fastest round of each (the machine is
+shared) is reported, with the ratio to AdamW. The first call of the train
+step is timed once. It also counts, in the lowered StableHLO and in the
+compiled HLO of the train step, the ``eigh`` decompositions (LAPACK
 ``syevd`` custom calls or ``stablehlo`` eigh ops) and the ``while`` loops:
 compile time that grows with L usually comes from per-leaf ops like these.
 
@@ -66,8 +75,7 @@ def count_ops(text: str) -> dict[str, int]:
   )
 
 
-def measure(name: str, num_layers: int, width: int,
-            options: dict) -> dict:
+def _setup(name: str, num_layers: int, width: int, options: dict):
   params, loss_fn, batch = mlp(num_layers, width)
   if name == "reference":  # Configured like shampoo's defaults, as in run.
     options = {**run_lib.shampoo_defaults(), **options}
@@ -79,38 +87,129 @@ def measure(name: str, num_layers: int, width: int,
     u, s = opt.update(g, s, p)
     return optax.apply_updates(p, u), s, loss
 
+  return params, batch, opt, state, step
+
+
+def _lower_compile(fn, *args):
+  jax.clear_caches()
   t0 = time.perf_counter()
-  lowered = jax.jit(step).lower(params, state, batch)
+  lowered = jax.jit(fn).lower(*args)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  out = jax.block_until_ready(compiled(params, state, batch))
-  t3 = time.perf_counter()
-  del out
-  lowered_text = lowered.as_text()
-  try:
-    compiled_text = compiled.as_text() or ""
-  except Exception:  # pylint: disable=broad-except
-    compiled_text = ""
-  lo, co = count_ops(lowered_text), count_ops(compiled_text)
-  return dict(
-      optimizer=name, layers=num_layers, width=width,
-      lower_seconds=t1 - t0, compile_seconds=t2 - t1,
-      total_seconds=t2 - t0, first_call_seconds=t3 - t2,
-      lowered_eigh=lo["eigh"], lowered_while=lo["while_"],
-      compiled_eigh=co["eigh"], compiled_while=co["while_"],
-      lowered_ops=lo["ops"], compiled_ops=co["ops"],
-      lowered_chars=len(lowered_text),
-      state_over_param_bytes=run_lib.tree_bytes(state)
-      / run_lib.tree_bytes(params),
-  )
+  return lowered, compiled, t1 - t0, t2 - t1
+
+
+def measure_once(name: str, num_layers: int, width: int, options: dict,
+                 details: bool = False) -> dict:
+  """One round: the train step, then the update alone, each fresh."""
+  params, batch, opt, state, step = _setup(name, num_layers, width, options)
+  lowered, compiled, lower_s, compile_s = _lower_compile(
+      step, params, state, batch)
+  out = dict(step_lower_seconds=lower_s, step_compile_seconds=compile_s,
+             step_total_seconds=lower_s + compile_s)
+  if details:
+    t0 = time.perf_counter()
+    result = jax.block_until_ready(compiled(params, state, batch))
+    del result
+    out["first_call_seconds"] = time.perf_counter() - t0
+    lowered_text = lowered.as_text()
+    try:
+      compiled_text = compiled.as_text() or ""
+    except Exception:  # pylint: disable=broad-except
+      compiled_text = ""
+    lo, co = count_ops(lowered_text), count_ops(compiled_text)
+    out.update(
+        lowered_eigh=lo["eigh"], lowered_while=lo["while_"],
+        compiled_eigh=co["eigh"], compiled_while=co["while_"],
+        lowered_ops=lo["ops"], compiled_ops=co["ops"],
+        lowered_chars=len(lowered_text),
+        state_over_param_bytes=run_lib.tree_bytes(state)
+        / run_lib.tree_bytes(params))
+  del lowered, compiled
+  _, _, lower_s, compile_s = _lower_compile(opt.update, params, state, params)
+  out.update(update_lower_seconds=lower_s, update_compile_seconds=compile_s,
+             update_total_seconds=lower_s + compile_s)
+  return out
+
+
+def measure(names, num_layers: int, width: int, options: dict,
+            repeats: int) -> list[dict]:
+  """Every optimizer in turn, ``repeats`` rounds; the fastest of each."""
+  rounds = {name: [] for name in names}
+  for round_ in range(repeats):
+    for name in names:
+      rounds[name].append(measure_once(name, num_layers, width,
+                                       options[name], details=round_ == 0))
+  rows = []
+  for name in names:
+    row = dict(optimizer=name, layers=num_layers, width=width,
+               repeats=repeats, **rounds[name][0])
+    for what in ("step", "update"):
+      best = min(rounds[name], key=lambda r: r[f"{what}_total_seconds"])
+      for part in ("lower", "compile", "total"):
+        row[f"{what}_{part}_seconds"] = best[f"{what}_{part}_seconds"]
+      row[f"{what}_total_seconds_rounds"] = [
+          r[f"{what}_total_seconds"] for r in rounds[name]]
+    # Earlier keys, for readers of older results: the train step's.
+    row.update(lower_seconds=row["step_lower_seconds"],
+               compile_seconds=row["step_compile_seconds"],
+               total_seconds=row["step_total_seconds"])
+    rows.append(row)
+  return rows
+
+
+def markdown(rows, names, meta, layers, widths) -> str:
+  lines = [f"commit {meta['git']['commit']}; {meta['machine']['cpu_model']}, "
+           f"{meta['machine']['cpu_count']} cores, jax "
+           f"{meta['machine']['jax_version']}; MLP of L layers width x "
+           f"width (+bias), batch 32. Seconds to lower + compile, each in a "
+           f"fresh jit after `jax.clear_caches()`, fastest of "
+           f"{rows[0]['repeats']} rounds (optimizers back to back); ratio to "
+           "AdamW in brackets.", ""]
+  get = lambda name, w, l: next(r for r in rows if r["width"] == w
+                                and r["layers"] == l and r["optimizer"] == name)
+  header = "| width | layers | " + " | ".join(
+      f"{n} {what}" for what in ("step", "update") for n in names) + " |"
+  lines += [header, "|---|---|" + "---|" * (2 * len(names))]
+  for w in widths:
+    for l in layers:
+      cells = []
+      for what in ("step", "update"):
+        base = get("adamw", w, l)[f"{what}_total_seconds"]
+        for name in names:
+          r = get(name, w, l)
+          s = r[f"{what}_total_seconds"]
+          cell = (f"{s:.2f} ({r[f'{what}_lower_seconds']:.2f} + "
+                  f"{r[f'{what}_compile_seconds']:.2f})")
+          if name != "adamw":
+            cell += f" [{s / base:.1f}x]"
+          cells.append(cell)
+      lines.append(f"| {w} | {l} | " + " | ".join(cells) + " |")
+  lines += ["", "Train step: eigh / while call sites and instruction count "
+            "(lowered StableHLO / compiled HLO):", "",
+            "| width | layers | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names)]
+  for w in widths:
+    for l in layers:
+      cells = []
+      for name in names:
+        r = get(name, w, l)
+        cells.append(f"eigh {r['lowered_eigh']}/{r['compiled_eigh']}, while "
+                     f"{r['lowered_while']}/{r['compiled_while']}, ops "
+                     f"{r['lowered_ops']}/{r['compiled_ops']}")
+      lines.append(f"| {w} | {l} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--reference-path", default=None)
   ap.add_argument("--layers", type=int, nargs="+", default=[8, 32, 64])
-  ap.add_argument("--width", type=int, default=256)
+  ap.add_argument("--widths", "--width", type=int, nargs="+",
+                  default=[64, 256])
+  ap.add_argument("--repeats", type=int, default=3,
+                  help="rounds per optimizer; the fastest is reported")
   ap.add_argument("--optimizers", nargs="+", default=list(run_lib.OPTIMIZERS),
                   choices=run_lib.OPTIMIZERS)
   ap.add_argument("--shampoo-options", default="{}")
@@ -126,56 +225,32 @@ def main(argv=None):
       names.remove("reference")
     else:
       _reference.load_reference(args.reference_path)
+  if "adamw" not in names:
+    names.insert(0, "adamw")  # The baseline of the ratios.
   shampoo_options = json.loads(args.shampoo_options)
   options = {"adamw": {}, "shampoo": shampoo_options,
              "reference": json.loads(args.reference_options)
              or dict(shampoo_options)}
 
   rows = []
-  for layers in args.layers:
-    for name in names:
-      r = measure(name, layers, args.width, options[name])
-      rows.append(r)
-      print(f"{name:9s} L={layers:3d}: lower {r['lower_seconds']:.1f}s "
-            f"compile {r['compile_seconds']:.1f}s  eigh "
-            f"{r['lowered_eigh']}/{r['compiled_eigh']}  while "
-            f"{r['lowered_while']}/{r['compiled_while']}", flush=True)
+  for width in args.widths:
+    for layers in args.layers:
+      for r in measure(names, layers, width, options, args.repeats):
+        rows.append(r)
+        print(f"{r['optimizer']:9s} width {width:4d} L={layers:3d}: step "
+              f"{r['step_total_seconds']:.2f}s ({r['step_lower_seconds']:.2f}"
+              f" + {r['step_compile_seconds']:.2f}), update "
+              f"{r['update_total_seconds']:.2f}s  eigh "
+              f"{r['lowered_eigh']}/{r['compiled_eigh']}  while "
+              f"{r['lowered_while']}/{r['compiled_while']}", flush=True)
 
   os.makedirs(args.out, exist_ok=True)
   meta = dict(git=run_lib.git_info(), machine=run_lib.machine_info(),
-              options=options, width=args.width)
+              options=options, widths=args.widths, layers=args.layers,
+              repeats=args.repeats)
   with open(os.path.join(args.out, "compile.json"), "w") as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
-
-  lines = [f"commit {meta['git']['commit']}; {meta['machine']['cpu_model']}, "
-           f"{meta['machine']['cpu_count']} cores, jax "
-           f"{meta['machine']['jax_version']}; MLP of L layers "
-           f"{args.width}x{args.width} (+bias), batch 32", "",
-           "Seconds to lower + compile one train step (first call):", "",
-           "| layers | " + " | ".join(names) + " |",
-           "|---|" + "---|" * len(names)]
-  for layers in args.layers:
-    cells = []
-    for name in names:
-      r = next(r for r in rows if r["layers"] == layers
-               and r["optimizer"] == name)
-      cells.append(f"{r['total_seconds']:.1f} ({r['lower_seconds']:.1f} + "
-                   f"{r['compile_seconds']:.1f})")
-    lines.append(f"| {layers} | " + " | ".join(cells) + " |")
-  lines += ["", "(total (lower + compile)). eigh / while call sites and "
-            "instruction count (lowered StableHLO / compiled HLO):", "",
-            "| layers | " + " | ".join(names) + " |",
-            "|---|" + "---|" * len(names)]
-  for layers in args.layers:
-    cells = []
-    for name in names:
-      r = next(r for r in rows if r["layers"] == layers
-               and r["optimizer"] == name)
-      cells.append(f"eigh {r['lowered_eigh']}/{r['compiled_eigh']}, while "
-                   f"{r['lowered_while']}/{r['compiled_while']}, ops "
-                   f"{r['lowered_ops']}/{r['compiled_ops']}")
-    lines.append(f"| {layers} | " + " | ".join(cells) + " |")
-  text = "\n".join(lines) + "\n"
+  text = markdown(rows, names, meta, args.layers, args.widths)
   with open(os.path.join(args.out, "compile.md"), "w") as f:
     f.write(text)
   print(text)

@@ -25,52 +25,75 @@ its largest non-layer dimension that 8 divides (the vocabulary for the
 embedding); the layer body gathers its weights (`jax.sharding.reshard` to
 replicated), the batch is split along the sequences. Shampoo runs with its
 defaults (block 128) and ``shard_axes="fsdp"``; ``layer_axes`` (0 for the
-stacked layer parameters) and ``refresh="staggered"`` are passed only when
-`shampoo_optax.shampoo` accepts them (``inspect.signature``); the results
-record which. AdamW is ``optax.adamw`` with the same learning rate and
-weight decay. Both steps donate the parameters and the optimizer state.
+stacked layer parameters) is passed when `shampoo_optax.shampoo` accepts it
+(``inspect.signature``). Shampoo is measured twice, ``refresh="all"``
+(``shampoo``: every root on one step in ``precondition_every``) and
+``refresh="staggered"`` (``shampoo_staggered``: a ``1/precondition_every``
+share of each device's roots on every step). AdamW is ``optax.adamw`` with
+the same learning rate and weight decay. Every step donates the parameters
+and the optimizer state.
 
 Per size and optimizer, per device:
 
 * memory: ``compiled.memory_analysis()`` (argument, output, alias and temp
-  bytes); peak = argument + output - alias + temp;
+  bytes); peak = argument + output - alias + temp. Also the temp bytes of
+  ``jax.jit(tx.update)`` alone (gradients sharded like the parameters,
+  state donated): the optimizer's own temporaries;
 * optimizer state: exact bytes of this device's shard of every state leaf,
-  from `shampoo_optax.state_shardings` (``NamedSharding.shard_shape``); for
-  Shampoo also its factor matrices (roots) per device and the state of the
-  same optimizer on one device (``shard_axes=None``), the total to divide;
+  from `shampoo_optax.state_shardings` (``NamedSharding.shard_shape``), by
+  kind from `shampoo_optax.state_report`; for Shampoo also its roots per
+  device (the matrices of its factors' shards), the roots one refresh phase
+  computes per device, and the state of the same optimizer on one device
+  (``shard_axes=None``), the total to divide;
 * collectives: bytes per step by kind, read from the compiled HLO
   (``compiled.as_text()``). A collective's bytes are those of its
   per-device result (a gathered array, a reduced array, a received
   buffer), times the trip count of every enclosing ``while`` (the layer
   scan: XLA records ``known_trip_count``). Branches of a ``conditional``
-  count once, the largest; the root refresh is the conditional one of
-  whose branches computes an eigendecomposition (LAPACK ``syevd``, the CPU
-  root method) outside any nested conditional: a normal step takes its
-  other branch, a refresh step that branch (``refresh_conditionals``
-  counts those found; with none, both steps are the same).
+  count once, the largest. The root refresh is a ``while`` over refresh
+  phases (`jax.lax.fori_loop` with traced bounds, under `jax.shard_map`):
+  the ``while`` without a known trip count whose op name ends in
+  ``shard_map/while`` or whose body computes an eigendecomposition
+  (LAPACK ``syevd``, the CPU root method). Its body counts once per phase:
+  a normal step runs 0 phases with ``refresh="all"`` and 1 with
+  ``"staggered"``, a refresh step 1 phase in either mode (the first
+  preconditioned step of ``"staggered"``, all phases, is not reported);
+  everything outside it, including the placement of the factors at the
+  ``shard_map`` boundary and any work XLA hoisted out of the loop, counts
+  on every step. ``refresh_loops`` counts the loops found and
+  ``eigh_outside_refresh_loop`` the eigh call sites that are not inside one
+  (hoisted by XLA's loop-invariant code motion: computed on every step).
   Collective-permutes count their buffer on every device, an upper bound
   when their pairs skip devices.
   XLA's CPU backend emits no reduce-scatter: gradients of FSDP weights come
   back as an all-reduce followed by a slice, for both optimizers alike;
+* temporaries: XLA allocates a program's buffers, the refresh loop's
+  included, whether or not a step runs the loop, so ``temp`` (and the peak)
+  is the same for a normal and a refresh step;
 * compile seconds: lower (trace included) and compile, each in a fresh
   `jax.jit`, in the same process, in ``--repeats`` rounds of AdamW then
-  Shampoo; the fastest round of each is reported (the machine is shared).
+  each Shampoo; the fastest round of each is reported (the machine is
+  shared).
 
-Targets (pass/fail, per size):
+Targets (pass/fail, per size and Shampoo mode):
 
 * state: Shampoo's per-device state <= 1.05 x its single-device total / 8;
 * collectives: Shampoo's normal step <= AdamW's + the parameter bytes;
 * peak: Shampoo's <= AdamW's + Shampoo's per-device state + one refresh
-  share of temporaries (this device's statistics, i.e. the candidate roots
-  of its share of the refresh);
+  share of temporaries: the candidate roots of one refresh phase on this
+  device, unpacked float32 ``d x d`` matrices (every root of the device
+  with ``"all"``, a ``1/precondition_every`` share with ``"staggered"``);
 * compile: Shampoo's lower + compile <= 3 x AdamW's.
 
 A model from the exact blocking plan (`shampoo_optax._blocks.make_plan`, the
-same FSDP rule at ``D`` devices) extrapolates the per-device state bytes and
-roots per device to 64 and 256 devices, for the parameters as given and,
-as a projection of ``layer_axes``, with every stacked leaf cut into its
-``L`` layers. At 8 devices the model of the mode used reproduces the
-measurement (recorded as ``model_matches_measured``).
+same FSDP rule at ``D`` devices and the library's own split rules,
+`_sharding.factor_batch_specs` and `_sharding.family_spec`, evaluated on an
+abstract ``D``-device mesh) extrapolates the per-device state bytes, roots
+per device and roots per refresh phase (``"staggered"``) to 64 and 256
+devices, with ``layer_axes`` (every stacked leaf cut into its ``L`` layers)
+and without (stacked leaves preconditioned as ``[L, ...]`` tensors). At 8
+devices the model of the mode used reproduces the measurement (recorded as
+``model_matches_measured``).
 
 ``--shampoo-options '{"max_precondition_dim": 8192}'`` changes Shampoo's
 options (recorded). Writes ``<output-dir>/<name>.json`` and ``.md``
@@ -109,6 +132,8 @@ import optax
 from benchmarks import run as run_lib
 import shampoo_optax
 from shampoo_optax import _blocks
+from shampoo_optax import _sharding
+from shampoo_optax import _symmetric
 
 DEVICES = 8
 MODEL_DEVICES = (8, 64, 256)
@@ -235,7 +260,8 @@ def make_loss(config: Config):
 # Optimizers
 
 
-def shampoo_options(params, overrides=None) -> tuple[dict, dict]:
+def shampoo_options(params, overrides=None,
+                    refresh="all") -> tuple[dict, dict]:
   """Shampoo's keyword arguments, and all of its options as recorded.
 
   ``layer_axes`` and ``refresh`` are passed only when the installed
@@ -246,7 +272,7 @@ def shampoo_options(params, overrides=None) -> tuple[dict, dict]:
   if "layer_axes" in _DEFAULTS:
     options["layer_axes"] = layer_axes_of(params)
   if "refresh" in _DEFAULTS:
-    options["refresh"] = "staggered"
+    options["refresh"] = refresh
   recorded = {
       name: p.default for name, p in _DEFAULTS.items()
       if p.default is not inspect.Parameter.empty
@@ -293,10 +319,11 @@ _OP_NAME = re.compile(r'op_name="(?:jit\([^)]*\)/)?([^"]*)"')
 
 @dataclasses.dataclass
 class _Walk:
-  normal: collections.Counter  # (kind, op_name) -> bytes.
-  refresh: collections.Counter
-  computes_roots: bool  # An eigh outside any nested conditional.
-  refresh_conditionals: int
+  every_step: collections.Counter  # (kind, op_name) -> bytes.
+  per_phase: collections.Counter  # In the body of the refresh loop.
+  computes_roots: bool  # An eigh anywhere inside.
+  eigh_outside_refresh_loop: int
+  refresh_loops: int
   unknown_trip_counts: int
 
 
@@ -314,14 +341,17 @@ def _summary(counter, top: int) -> dict:
                for (k, op), n in counter.most_common(top)])
 
 
-def collective_bytes(hlo: str, top: int = 8) -> dict:
+def collective_bytes(hlo: str, top: int = 8, normal_phases: int = 0) -> dict:
   """Per-device collective bytes of a normal and of a refresh step.
 
-  See the module docstring for the rules (trip counts, conditionals).
-  Returns, for each step, the total, the bytes by kind and the ``top``
-  largest contributions by kind and JAX op name (the op that the partitioner
-  turned into the collective); also the number of refresh conditionals
-  found and of ``while`` loops without a known trip count (counted once).
+  See the module docstring for the rules (trip counts, conditionals, the
+  refresh loop). ``normal_phases`` is the number of refresh phases a normal
+  step runs: 0 for ``refresh="all"``, 1 for ``"staggered"``; a refresh
+  step runs one. Returns, for each step, the total, the bytes by kind and
+  the ``top`` largest contributions by kind and JAX op name (the op that the
+  partitioner turned into the collective); the same for one refresh phase;
+  the number of refresh loops found, of eigh call sites outside them and of
+  other ``while`` loops without a known trip count (counted once).
   """
   computations, entry, current = {}, None, None
   for line in hlo.splitlines():
@@ -338,9 +368,11 @@ def collective_bytes(hlo: str, top: int = 8) -> dict:
   def walk(name) -> _Walk:
     if name in memo:
       return memo[name]
-    out = _Walk(collections.Counter(), collections.Counter(), False, 0, 0)
+    out = _Walk(collections.Counter(), collections.Counter(), False, 0, 0, 0)
     for line in computations[name]:
-      out.computes_roots |= bool(_EIGH.search(line))
+      if _EIGH.search(line):
+        out.computes_roots = True
+        out.eigh_outside_refresh_loop += 1
       collective = _COLLECTIVE.search(line)
       if collective:
         if collective[3]:
@@ -349,8 +381,7 @@ def collective_bytes(hlo: str, top: int = 8) -> dict:
               f" its operands too: {line.strip()[:200]}")
         op_name = _OP_NAME.search(line)
         key = (collective[2], op_name[1] if op_name else "")
-        out.normal[key] += _type_bytes(collective[1])
-        out.refresh[key] += _type_bytes(collective[1])
+        out.every_step[key] += _type_bytes(collective[1])
       callees = _CALLEE.findall(line) + [
           c.strip().lstrip("%") for group in _CALLEE_LIST.findall(line)
           for c in group.split(",")]
@@ -358,40 +389,55 @@ def collective_bytes(hlo: str, top: int = 8) -> dict:
         continue
       results = [walk(c) for c in callees]
       out.unknown_trip_counts += sum(r.unknown_trip_counts for r in results)
-      out.refresh_conditionals += sum(
-          r.refresh_conditionals for r in results)
+      out.refresh_loops += sum(r.refresh_loops for r in results)
+      out.computes_roots |= any(r.computes_roots for r in results)
       if " conditional(" in line:
-        roots = [r for r in results if r.computes_roots]
-        out.refresh_conditionals += bool(roots)
-        rest = [r for r in results if not r.computes_roots] or roots
-        out.normal += max((r.normal for r in rest), key=_total)
-        out.refresh += max((r.refresh for r in roots or rest), key=_total)
+        out.every_step += max((r.every_step for r in results), key=_total)
+        out.per_phase += max((r.per_phase for r in results), key=_total)
+        out.eigh_outside_refresh_loop += sum(
+            r.eigh_outside_refresh_loop for r in results)
         continue
       trips = 1
       if " while(" in line:
         count = _TRIP_COUNT.search(line)
+        op_name = _OP_NAME.search(line)
         if count:
           trips = int(count[1])
+        elif (op_name and op_name[1].endswith("shard_map/while")) or any(
+            r.computes_roots for r in results):
+          # The refresh loop: its body runs once per phase.
+          out.refresh_loops += 1
+          for r in results:
+            out.per_phase += r.every_step
+          continue
         else:
           out.unknown_trip_counts += 1
       for r in results:
-        out.computes_roots |= r.computes_roots
-        for key, nbytes in r.normal.items():
-          out.normal[key] += trips * nbytes
-        for key, nbytes in r.refresh.items():
-          out.refresh[key] += trips * nbytes
+        out.eigh_outside_refresh_loop += r.eigh_outside_refresh_loop
+        for key, nbytes in r.every_step.items():
+          out.every_step[key] += trips * nbytes
+        for key, nbytes in r.per_phase.items():
+          out.per_phase[key] += trips * nbytes
     memo[name] = out
     return out
 
-  top_walk = walk(entry)
-  return dict(normal_step=_summary(top_walk.normal, top),
-              refresh_step=_summary(top_walk.refresh, top),
-              refresh_conditionals=top_walk.refresh_conditionals,
-              unknown_trip_counts=top_walk.unknown_trip_counts)
+  w = walk(entry)
+  phases = lambda n: w.every_step + collections.Counter(
+      {k: n * v for k, v in w.per_phase.items()})
+  return dict(normal_step=_summary(phases(normal_phases), top),
+              refresh_step=_summary(phases(1), top),
+              refresh_phase=_summary(w.per_phase, top),
+              normal_phases=normal_phases,
+              refresh_loops=w.refresh_loops,
+              eigh_outside_refresh_loop=w.eigh_outside_refresh_loop,
+              unknown_trip_counts=w.unknown_trip_counts)
 
 
 # ---------------------------------------------------------------------------
 # Measurement
+
+# Shampoo's variants: name -> refresh mode.
+SHAMPOO_VARIANTS = {"shampoo": "all", "shampoo_staggered": "staggered"}
 
 
 def _shard_bytes(shape, dtype, sharding) -> int:
@@ -405,19 +451,30 @@ def _shampoo_states(tree):
           if isinstance(x, shampoo_optax.ShampooState)]
 
 
+def _packed_side(shape) -> int:
+  """``d`` of a packed ``[..., d + 1 - d % 2, ceil(d / 2)]`` factor."""
+  rows, cols = shape[-2:]
+  return 2 * cols if rows == 2 * cols + 1 else rows
+
+
+def _memory(compiled) -> dict:
+  memory = compiled.memory_analysis()
+  memory = {k: int(getattr(memory, f"{k}_size_in_bytes"))
+            for k in ("argument", "output", "alias", "temp")}
+  memory["peak"] = (memory["argument"] + memory["output"] - memory["alias"]
+                    + memory["temp"])
+  return memory
+
+
 def _compile(config: Config, tx, mesh):
   """Abstract inputs, then a fresh jit of the train step, lowered, compiled.
 
-  Returns the compiled step, the abstract state, its shardings and the
-  seconds to lower (tracing included) and to compile.
+  Returns the compiled step, the abstract state (with its shardings), the
+  abstract parameters and the seconds to lower (tracing included) and to
+  compile.
   """
   params = abstract_params(config, mesh)
-  state_shardings = shampoo_optax.state_shardings(tx, params, mesh)
-  with jax.set_mesh(mesh):
-    shapes = jax.eval_shape(tx.init, params)
-  state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      shapes, state_shardings)
+  state = shampoo_optax.abstract_state(tx, params, mesh)
   tokens = jax.ShapeDtypeStruct(
       (DEVICES, config.seq_len), jnp.int32,
       sharding=NamedSharding(mesh, P(AXIS)))
@@ -435,52 +492,73 @@ def _compile(config: Config, tx, mesh):
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-  return compiled, state, state_shardings, dict(lower=t1 - t0,
-                                                compile=t2 - t1)
+  return compiled, state, params, dict(lower=t1 - t0, compile=t2 - t1)
 
 
 def _time_compile(config: Config, tx, mesh) -> dict:
   return _compile(config, tx, mesh)[3]
 
 
-def compile_step(config: Config, tx, mesh) -> dict:
-  """Compiles one train step (never runs it) and measures it."""
-  compiled, state, state_shardings, seconds = _compile(config, tx, mesh)
-  memory = compiled.memory_analysis()
-  memory = {k: int(getattr(memory, f"{k}_size_in_bytes"))
-            for k in ("argument", "output", "alias", "temp")}
-  memory["peak"] = (memory["argument"] + memory["output"] - memory["alias"]
-                    + memory["temp"])
-  collectives = collective_bytes(compiled.as_text())
-  del compiled
+def update_memory(tx, params, state, mesh) -> dict:
+  """Memory of ``jax.jit(tx.update)`` alone (gradients and state donated)."""
 
-  leaves = list(zip(jax.tree.leaves(state), jax.tree.leaves(state_shardings)))
-  per_device = sum(_shard_bytes(x.shape, x.dtype, s) for x, s in leaves)
+  def update(grads, opt_state, params):
+    return tx.update(grads, opt_state, params)
+
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(update, donate_argnums=(0, 1)).lower(
+        params, state, params).compile()
+  return _memory(compiled)
+
+
+def compile_step(config: Config, tx, mesh, refresh: str | None = None,
+                 num_phases: int = 1) -> dict:
+  """Compiles one train step (never runs it) and measures it.
+
+  ``refresh``: Shampoo's refresh mode (``None`` for other optimizers);
+  ``num_phases``: its number of refresh phases (``precondition_every`` for
+  ``"staggered"``, else 1).
+  """
+  compiled, state, params, seconds = _compile(config, tx, mesh)
+  memory = _memory(compiled)
+  collectives = collective_bytes(
+      compiled.as_text(), normal_phases=int(refresh == "staggered"))
+  del compiled
+  gc.collect()
+
+  leaves = jax.tree.leaves(state)
+  report = shampoo_optax.state_report(tx, params, mesh)
   out = dict(
-      compile_rounds=[seconds], memory=memory, collectives=collectives,
-      state_bytes_per_device=per_device,
-      state_scalar_bytes=sum(_shard_bytes(x.shape, x.dtype, s)
-                             for x, s in leaves if not x.shape),
+      compile_rounds=[seconds], memory=memory,
+      update_memory=update_memory(tx, params, state, mesh),
+      collectives=collectives,
+      state_bytes_per_device=sum(_shard_bytes(x.shape, x.dtype, x.sharding)
+                                 for x in leaves),
+      state_scalar_bytes=sum(_shard_bytes(x.shape, x.dtype, x.sharding)
+                             for x in leaves if not x.shape),
       state_bytes_global=sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                             for x, _ in leaves),
+                             for x in leaves),
+      state_report_per_device={k: report.per_device(k)
+                               for k in shampoo_optax._report.KINDS},  # pylint: disable=protected-access
   )
-  shampoo_states = list(zip(_shampoo_states(state),
-                            _shampoo_states(state_shardings)))
-  if shampoo_states:
-    stacks = [(x, s) for st, sh in shampoo_states
-              for x, s in zip(st.stats + st.preconditioners,
-                              sh.stats + sh.preconditioners)]
+  gc.collect()
+  states = _shampoo_states(state)
+  if states:
+    stats = [x for st in states for x in st.stats]
+    rows = [math.prod(x.sharding.shard_shape(x.shape)[:-2]) for x in stats]
+    share = [-(-n // num_phases) for n in rows]
     out.update(
-        bucket_shapes=[list(x.shape) for st, _ in shampoo_states
-                       for x in st.stats],
-        roots_per_device=sum(
-            s.shard_shape(x.shape)[0] for st, sh in shampoo_states
-            for x, s in zip(st.stats, sh.stats)),
-        stack_bytes_per_device=sum(_shard_bytes(x.shape, x.dtype, s)
-                                   for x, s in stacks),
+        refresh=refresh, refresh_phases=num_phases,
+        factor_shapes=[list(x.shape) for x in stats],
+        roots_per_device=sum(rows),
+        roots_per_phase=sum(share),
+        refresh_share_bytes=sum(
+            n * 4 * _packed_side(x.shape)**2 for n, x in zip(share, stats)),
         statistics_bytes_per_device=sum(
-            _shard_bytes(x.shape, x.dtype, s) for st, sh in shampoo_states
-            for x, s in zip(st.stats, sh.stats)),
+            _shard_bytes(x.shape, x.dtype, x.sharding) for x in stats),
+        roots_bytes_per_device=sum(
+            _shard_bytes(x.shape, x.dtype, x.sharding)
+            for st in states for x in st.preconditioners),
     )
   return out
 
@@ -494,43 +572,59 @@ def single_device_state_bytes(tx, params) -> int:
 
 
 def state_model(config: Config, devices: int, per_layer: bool,
-                scalar_bytes: int, block_size: int,
-                max_precondition_dim: int) -> dict:
+                scalar_bytes: int, options: dict) -> dict:
   """Shampoo's per-device state and roots at ``devices``, from the plan.
 
-  Per-parameter state (grafting accumulator and momentum, float32) follows
-  the FSDP rule at ``devices``; the stacks (statistics and roots, float32
-  ``[N, d, d]``) are padded to a multiple of ``devices`` and split evenly;
-  scalars are replicated. ``per_layer`` cuts every stacked layer leaf into
-  ``L`` leaves first, as ``layer_axes`` would.
+  The parameters are split by the FSDP rule at ``devices``; the factors'
+  batch axes and the per-family arrays (grafting accumulator, momentum) are
+  split by the library's own rules (`_sharding.factor_batch_specs`,
+  `_sharding.family_spec`) on an abstract ``devices``-device mesh; nothing
+  is padded; scalars are replicated. ``per_layer`` passes ``layer_axes``
+  (axis 0 of the stacked layer leaves), else they are ``[L, ...]`` tensors.
+  ``options``: Shampoo's recorded options.
   """
   leaves = jax.tree_util.tree_leaves_with_path(
       param_shapes(config), is_leaf=_is_shape)
-  per_param = 0
-  plan_shapes = []
+  shapes, layer_axes, specs = [], [], []
   for path, shape in leaves:
     layered = _is_layered(path)
-    spec = fsdp_spec(shape, devices, layered)
-    per_param += 2 * 4 * math.prod(
-        n // devices if axis == AXIS else n for n, axis in zip(
-            shape, tuple(spec) + (None,) * (len(shape) - len(spec))))
-    plan_shapes += ([shape[1:]] * shape[0] if per_layer and layered
-                    else [shape])
-
-  def stack_bytes(pad_multiple):
-    plan = _blocks.make_plan(tuple(plan_shapes), block_size,
-                             max_precondition_dim, None, pad_multiple)
-    return (2 * 4 * sum(n * d * d for (d, _), n in plan.buckets.items()),
-            sum(plan.buckets.values()))
-
-  padded, roots = stack_bytes(devices)
-  unpadded, _ = stack_bytes(1)
-  param_bytes = 4 * sum(math.prod(s) for _, s in leaves)
-  per_device = per_param + padded // devices + scalar_bytes
-  total = 2 * param_bytes + unpadded + scalar_bytes
+    spec = tuple(fsdp_spec(shape, devices, layered))
+    shapes.append(shape)
+    layer_axes.append((0,) if per_layer and layered else ())
+    specs.append(spec + (None,) * (len(shape) - len(spec)))
+  plan = _blocks.make_plan(tuple(shapes), tuple(layer_axes),
+                           options["block_size"],
+                           options["max_precondition_dim"],
+                           options["exponent_override"])
+  mesh = jax.sharding.AbstractMesh((devices,), (AXIS,),
+                                   axis_types=(AxisType.Explicit,))
+  with jax.sharding.use_abstract_mesh(mesh):
+    batch_specs = _sharding.factor_batch_specs(plan, specs, AXIS)
+    family_specs = [_sharding.family_spec(plan, f, specs)
+                    for f in range(len(plan.families))]
+  local = lambda shape, spec: math.prod(
+      -(-n // (devices if e else 1))
+      for n, e in zip(shape, tuple(spec) + (None,) * len(shape)))
+  root_bytes = np.dtype(options["preconditioner_dtype"]).itemsize
+  per_family = 4 * (options["graft"] not in ("sgd", "none")) + 4 * (
+      float(options["b1"]) != 0)
+  num_phases = options["precondition_every"]
+  rows = [local(f.batch_shape, s) for f, s in zip(plan.factors, batch_specs)]
+  packed = [math.prod(_symmetric.packed_shape(f.dim)) for f in plan.factors]
+  factor_bytes = lambda counts: sum(
+      n * (p * (4 + root_bytes) + 4) for n, p in zip(counts, packed))
+  family_shapes = [(fam.units,) + fam.shape for fam in plan.families]
+  per_device = (
+      factor_bytes(rows) + scalar_bytes + per_family * sum(
+          local(s, spec) for s, spec in zip(family_shapes, family_specs)))
+  total = (factor_bytes([f.count for f in plan.factors]) + scalar_bytes
+           + per_family * sum(math.prod(s) for s in family_shapes))
   return dict(
       devices=devices, per_layer=per_layer,
-      roots_per_device=roots // devices,
+      roots_per_device=sum(rows),
+      roots_per_phase_staggered=sum(-(-n // num_phases) for n in rows),
+      replicated_factors=sum(not any(s) for s in batch_specs),
+      factors=len(plan.factors),
       state_bytes_per_device=per_device,
       single_device_state_bytes=total,
       ratio_to_even_share=per_device / (total / devices),
@@ -539,25 +633,46 @@ def state_model(config: Config, devices: int, per_layer: bool,
 
 
 def measure(config: Config, repeats: int = 1, overrides=None,
-            log=print) -> dict:
+            log=print, variants=None) -> dict:
   """AdamW and Shampoo on one model size: measurements, targets, model.
 
   The compile seconds are the fastest of ``repeats`` rounds (the machine is
-  shared), each round AdamW then Shampoo, each a fresh jit. ``overrides``:
-  Shampoo options other than its defaults.
+  shared), each round AdamW then each Shampoo variant, each a fresh jit.
+  ``overrides``: Shampoo options other than its defaults; ``variants``: the
+  names of `SHAMPOO_VARIANTS` to measure (default all).
   """
   mesh = jax.make_mesh((DEVICES,), (AXIS,), axis_types=(AxisType.Explicit,))
   params = abstract_params(config, mesh)
-  options, recorded = shampoo_options(params, overrides)
-  blocking = (recorded["block_size"], recorded["max_precondition_dim"])
+  variants = ({n: SHAMPOO_VARIANTS[n] for n in variants or SHAMPOO_VARIANTS}
+              if "refresh" in _DEFAULTS else {"shampoo": None})
+  options, recorded = {}, {}
+  for name, refresh in variants.items():
+    options[name], recorded[name] = shampoo_options(params, overrides,
+                                                    refresh)
+  first = next(iter(variants))
+  effective = {name: p.default for name, p in _DEFAULTS.items()
+               if p.default is not inspect.Parameter.empty}
+  effective.update(options[first])
   param_count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
   param_bytes = 4 * param_count
-  plan = _blocks.make_plan(tuple(p.shape for p in jax.tree.leaves(params)),
-                           *blocking)
+  per_layer_mode = "layer_axes" in options[first]
+  leaves = jax.tree.leaves(params)
+  plan = _blocks.make_plan(
+      tuple(p.shape for p in leaves),
+      tuple(((0,) if per_layer_mode and a == 0 else ())
+            for a in jax.tree.leaves(layer_axes_of(params),
+                                     is_leaf=lambda x: x is None)),
+      effective["block_size"], effective["max_precondition_dim"],
+      effective["exponent_override"])
   preconditioned = sum(
-      math.prod(s) for s, m in zip(plan.shapes, plan.merged) if m)
-  txs = dict(adamw=optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
-             shampoo=shampoo_optax.shampoo(LEARNING_RATE, **options))
+      math.prod(plan.shapes[m.leaf]) for fam in plan.families
+      if fam.preconditioned for m in fam.members)
+  txs = dict(adamw=optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY))
+  for name in variants:
+    txs[name] = shampoo_optax.shampoo(LEARNING_RATE, **options[name])
+  phases = {name: (recorded[name]["precondition_every"]
+                   if refresh == "staggered" else 1)
+            for name, refresh in variants.items()}
 
   results = {}
   for round_ in range(repeats):
@@ -566,7 +681,8 @@ def measure(config: Config, repeats: int = 1, overrides=None,
         results[name]["compile_rounds"].append(
             _time_compile(config, tx, mesh))
       else:
-        results[name] = compile_step(config, tx, mesh)
+        results[name] = compile_step(config, tx, mesh, variants.get(name),
+                                     phases.get(name, 1))
       gc.collect()
       r = results[name]
       seconds = r["compile_rounds"][-1]
@@ -579,50 +695,60 @@ def measure(config: Config, repeats: int = 1, overrides=None,
     best = min(r["compile_rounds"], key=lambda t: t["lower"] + t["compile"])
     r.update(lower_seconds=best["lower"], compile_seconds=best["compile"],
              total_seconds=best["lower"] + best["compile"])
-  adamw, shampoo = results["adamw"], results["shampoo"]
-  shampoo["single_device_state_bytes"] = single_device_state_bytes(
-      shampoo_optax.shampoo(LEARNING_RATE, **{**options, "shard_axes": None}),
+  adamw = results["adamw"]
+  single = single_device_state_bytes(
+      shampoo_optax.shampoo(LEARNING_RATE,
+                            **{**options[first], "shard_axes": None}),
       params)
 
-  peak_allowance = (adamw["memory"]["peak"]
-                    + shampoo["state_bytes_per_device"]
-                    + shampoo["statistics_bytes_per_device"])
-  targets = dict(
-      state=dict(
-          value=shampoo["state_bytes_per_device"],
-          limit=1.05 * shampoo["single_device_state_bytes"] / DEVICES),
-      collectives=dict(
-          value=shampoo["collectives"]["normal_step"]["total"],
-          limit=adamw["collectives"]["normal_step"]["total"] + param_bytes),
-      peak_memory=dict(value=shampoo["memory"]["peak"],
-                       limit=peak_allowance),
-      compile=dict(value=shampoo["total_seconds"],
-                   limit=3 * adamw["total_seconds"]),
-  )
-  for t in targets.values():
-    t["passed"] = bool(t["value"] <= t["limit"])
+  targets = {}
+  for name in variants:
+    shampoo = results[name]
+    shampoo["single_device_state_bytes"] = single
+    peak_allowance = (adamw["memory"]["peak"]
+                      + shampoo["state_bytes_per_device"]
+                      + shampoo["refresh_share_bytes"])
+    targets[name] = dict(
+        state=dict(value=shampoo["state_bytes_per_device"],
+                   limit=1.05 * single / DEVICES),
+        collectives=dict(
+            value=shampoo["collectives"]["normal_step"]["total"],
+            limit=adamw["collectives"]["normal_step"]["total"]
+            + param_bytes),
+        peak_memory=dict(value=shampoo["memory"]["peak"],
+                         limit=peak_allowance),
+        compile=dict(value=shampoo["total_seconds"],
+                     limit=3 * adamw["total_seconds"]),
+    )
+    for t in targets[name].values():
+      t["passed"] = bool(t["value"] <= t["limit"])
 
-  per_layer_mode = "layer_axes" in options
-  model = [state_model(config, d, per_layer, shampoo["state_scalar_bytes"],
-                       *blocking)
+  model = [state_model(config, d, per_layer,
+                       results[first]["state_scalar_bytes"], effective)
            for per_layer in (False, True) for d in MODEL_DEVICES]
   at_8 = next(m for m in model
               if m["devices"] == DEVICES and m["per_layer"] == per_layer_mode)
+  staggered = results.get("shampoo_staggered", results[first])
   return dict(
       config=dataclasses.asdict(config),
       param_count=param_count, param_bytes=param_bytes,
       preconditioned_param_fraction=preconditioned / param_count,
       mode=dict(sharding="explicit axes, jax.set_mesh",
                 layer_axes=per_layer_mode,
-                refresh=options.get("refresh", "not supported"),
+                refresh={n: v or "not supported"
+                         for n, v in variants.items()},
                 overrides=overrides or {}),
-      shampoo_options=recorded,
+      variants=list(variants),
+      shampoo_options=recorded[first],
       adamw_options=dict(learning_rate=LEARNING_RATE,
                          weight_decay=WEIGHT_DECAY),
-      adamw=adamw, shampoo=shampoo, targets=targets, model=model,
+      **results, targets=targets, model=model,
       model_matches_measured=bool(
-          at_8["state_bytes_per_device"] == shampoo["state_bytes_per_device"]
-          and at_8["roots_per_device"] == shampoo["roots_per_device"]),
+          at_8["state_bytes_per_device"]
+          == results[first]["state_bytes_per_device"]
+          and at_8["roots_per_device"] == results[first]["roots_per_device"]
+          and at_8["roots_per_phase_staggered"]
+          == staggered["roots_per_phase"]),
   )
 
 
@@ -646,81 +772,128 @@ def _by_kind(counts: dict) -> str:
   return ", ".join(f"{_SHORT[k]} {_gib(v)}" for k, v in counts.items() if v)
 
 
+def _names(row) -> list[str]:
+  return ["adamw"] + row.get("variants", ["shampoo"])
+
+
+def _label(name: str) -> str:
+  return {"shampoo": "shampoo (refresh all)",
+          "shampoo_staggered": "shampoo (staggered)"}.get(name, name)
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
   first = rows[0]
   overrides = first["mode"]["overrides"]
+  options = first["shampoo_options"]
   lines = [
       f"commit {meta['git']['commit']}; jax {meta['machine']['jax_version']};"
       f" {DEVICES} simulated CPU devices, mesh axis `{AXIS}` (explicit axes);"
       " compiled, never run. Shampoo: defaults"
       + (f" except `{json.dumps(overrides)}`" if overrides else "")
-      + f" (block {first['shampoo_options']['block_size']}), "
-      f"`shard_axes=\"{AXIS}\"`, layer_axes "
-      f"{'passed' if first['mode']['layer_axes'] else 'not supported'}, "
-      f"refresh {first['mode']['refresh']}. Per device; MiB unless noted.",
+      + f" (block {options['block_size']}, precondition_every "
+      f"{options['precondition_every']}), `shard_axes=\"{AXIS}\"`, "
+      f"layer_axes {'0 for the stacked layers' if first['mode']['layer_axes'] else 'not supported'}"
+      "; refresh `all` and `staggered`. Per device; MiB unless noted.",
       "",
-      "| size | optimizer | peak | temp | args | state | roots | "
-      "collectives normal step, GiB | refresh step, GiB | lower + compile s |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      "| size | optimizer | peak | temp | update temp | args | state | "
+      "roots (per phase) | collectives normal step, GiB | refresh step, GiB"
+      " | lower + compile s |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     c = r["config"]
     label = (f"{c['name']} ({r['param_count'] / 1e6:,.0f}M, d {c['d_model']}"
              f", L {c['layers']})")
-    for name in ("adamw", "shampoo"):
+    for name in _names(r):
       m = r[name]
       col = m["collectives"]
+      roots = (f"{m['roots_per_device']} ({m['roots_per_phase']})"
+               if "roots_per_device" in m else "-")
       lines.append(
-          f"| {label if name == 'adamw' else ''} | {name} | "
+          f"| {label if name == 'adamw' else ''} | {_label(name)} | "
           f"{_mib(m['memory']['peak'])} | {_mib(m['memory']['temp'])} | "
+          f"{_mib(m['update_memory']['temp'])} | "
           f"{_mib(m['memory']['argument'])} | "
-          f"{_mib(m['state_bytes_per_device'])} | "
-          f"{m.get('roots_per_device', '-')} | "
+          f"{_mib(m['state_bytes_per_device'])} | {roots} | "
           f"{_gib(col['normal_step']['total'])} "
           f"({_by_kind(col['normal_step']['by_kind'])}) | "
           f"{_gib(col['refresh_step']['total'])} | "
           f"{m['total_seconds']:.1f} ({m['lower_seconds']:.1f} + "
           f"{m['compile_seconds']:.1f}) |")
   lines += [
-      "", "Targets (Shampoo value / limit):", "",
-      "| size | state <= 1.05 x total/8 (MiB) | normal-step collectives <= "
-      "AdamW + params (GiB) | peak <= AdamW + state + refresh share (MiB) | "
-      "compile <= 3 x AdamW (s) |",
-      "|---|---|---|---|---|",
+      "", "Shampoo state per device by kind (`state_report`), MiB; "
+      "refresh-phase share (candidate roots of one phase, unpacked float32)"
+      "; refresh loops found in the HLO / eigh call sites outside them:", "",
+      "| size | statistics | roots | grafting | momentum | other | "
+      "share `all` | share `staggered` | loops / eigh outside |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
-    t = r["targets"]
-    cell = lambda k, f: (f"{'PASS' if t[k]['passed'] else 'FAIL'} "
-                         f"{f(t[k]['value'])} / {f(t[k]['limit'])}")
+    m = r[_names(r)[1]]
+    k = m["state_report_per_device"]
+    shares = [r[n]["refresh_share_bytes"] for n in _names(r)[1:]]
+    checks = ", ".join(
+        f"{r[n]['collectives']['refresh_loops']} / "
+        f"{r[n]['collectives']['eigh_outside_refresh_loop']}"
+        for n in _names(r)[1:])
     lines.append(
-        f"| {r['config']['name']} | {cell('state', _mib)} | "
-        f"{cell('collectives', _gib)} | {cell('peak_memory', _mib)} | "
-        f"{cell('compile', lambda s: f'{s:.1f}')} |")
+        f"| {r['config']['name']} | " + " | ".join(
+            _mib(k[kind]) for kind in ("statistics", "roots", "grafting",
+                                       "momentum", "other"))
+        + " | " + " | ".join(_mib(s) for s in shares)
+        + " |" * (3 - len(shares)) + f" {checks} |")
   lines += [
-      "", "Model from the blocking plan: Shampoo state per device, MiB "
-      "(ratio to single-device total / D), roots per device. *As given*: "
-      "stacked `[L, ...]` leaves as tensors; *per layer*: each cut into its "
-      "L layers (what `layer_axes` should give).", "",
+      "", "Targets (Shampoo value / limit):", "",
+      "| size | refresh | state <= 1.05 x total/8 (MiB) | normal-step "
+      "collectives <= AdamW + params (GiB) | peak <= AdamW + state + "
+      "refresh share (MiB) | compile <= 3 x AdamW (s) |",
+      "|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    for name in _names(r)[1:]:
+      t = r["targets"][name]
+      cell = lambda k, f, t=t: (f"{'PASS' if t[k]['passed'] else 'FAIL'} "
+                                f"{f(t[k]['value'])} / {f(t[k]['limit'])}")
+      lines.append(
+          f"| {r['config']['name']} | {r[name].get('refresh') or '-'} | "
+          f"{cell('state', _mib)} | "
+          f"{cell('collectives', _gib)} | {cell('peak_memory', _mib)} | "
+          f"{cell('compile', lambda s: f'{s:.1f}')} |")
+  lines += [
+      "", "Model from the blocking plan and the library's split rules: "
+      "Shampoo state per device, MiB (ratio to single-device total / D); "
+      "roots per device (per staggered phase); factors whole on every "
+      "device / all factors. *Stacked*: `[L, ...]` leaves as tensors "
+      "(no `layer_axes`); *per layer*: `layer_axes` 0.", "",
       "| size | leaves | " + " | ".join(f"D={d}" for d in MODEL_DEVICES)
       + " |", "|---|---|" + "---|" * len(MODEL_DEVICES),
   ]
   for r in rows:
     for per_layer in (False, True):
       cells = [m for m in r["model"] if m["per_layer"] == per_layer]
-      leaves = "per layer" if per_layer else "as given"
+      leaves = "per layer" if per_layer else "stacked"
       lines.append(
           f"| {r['config']['name']} | {leaves} | " + " | ".join(
               f"{_mib(m['state_bytes_per_device'])} "
-              f"({m['ratio_to_even_share']:.3f}), {m['roots_per_device']}"
+              f"({m['ratio_to_even_share']:.3f}); {m['roots_per_device']} "
+              f"({m['roots_per_phase_staggered']}); "
+              f"{m['replicated_factors']}/{m['factors']}"
               for m in cells) + " |")
   lines += ["", "Largest collectives of a normal step, GiB per device (kind, "
             "JAX op that the partitioner turned into it; trip counts "
-            "included):", ""]
+            "included), and of one refresh phase:", ""]
   for r in rows:
-    for name in ("adamw", "shampoo"):
-      lines.append(f"- {r['config']['name']} {name}: " + "; ".join(
+    for name in _names(r):
+      col = r[name]["collectives"]
+      lines.append(f"- {r['config']['name']} {_label(name)}: " + "; ".join(
           f"{_SHORT[c['kind']]} {_gib(c['bytes'])} `{c['op_name'][:60]}`"
-          for c in r[name]["collectives"]["normal_step"]["largest"][:5]))
+          for c in col["normal_step"]["largest"][:5]))
+      if "refresh_phase" in col and name != "adamw":
+        phase = col["refresh_phase"]
+        lines.append(
+            f"  - one refresh phase: {_gib(phase['total'])} GiB"
+            + "".join(f"; {_SHORT[c['kind']]} {_gib(c['bytes'])} "
+                      f"`{c['op_name'][:60]}`" for c in phase["largest"][:3]))
   lines += ["", "Preconditioned fraction of the parameters (rest: grafted "
             "Adam only, e.g. dims above `max_precondition_dim`): " + ", ".join(
                 f"{r['config']['name']} "

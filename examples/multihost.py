@@ -145,18 +145,13 @@ def save_checkpoint(path, step, params, opt_state):
 def restore_checkpoint(path, tx, mesh):
   """Restores onto ``mesh``, in any number of processes.
 
-  Strict: the mesh has as many devices as the writer's (the Shampoo stacks are
-  padded to a multiple of the device count).
+  Strict: the state's shapes do not depend on the mesh, so any mesh will do.
   """
   replicated = NamedSharding(mesh, P())
-  params = jax.eval_shape(init_params)
   params = jax.tree.map(
       lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated),
-      params)
-  state = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      jax.eval_shape(tx.init, params),
-      shampoo_optax.state_shardings(tx, params, mesh))
+      jax.eval_shape(init_params))
+  state = shampoo_optax.abstract_state(tx, params, mesh)
   step = jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
     restored = checkpointer.restore(path, args=ocp.args.StandardRestore(

@@ -352,52 +352,46 @@ def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,
   nbatch = [len(f.batch_shape) for f in plan.factors]
 
   def body(arrays, replicated):
-    stats, roots, refreshed_at = arrays
     (lo, hi), count, eps, max_error = replicated
-    # Flat [rows, ...] views: rows are what the shares cut.
-    stats = [_rows(x, n) for x, n in zip(stats, nbatch)]
-    flat = lambda xs: [_rows(x, n) for x, n in zip(xs, nbatch)]
-    shapes = [x.shape for x in refreshed_at]
+    root_shapes, batch_shapes = ([x.shape for x in xs] for xs in arrays[1:])
+    # Flat [rows, ...] views of this device's blocks: rows are what shares cut.
+    stats, roots, refreshed_at = ([_rows(x, n) for x, n in zip(xs, nbatch)]
+                                  for xs in arrays)
+    take = jax.lax.dynamic_slice_in_dim
+    put = lambda x, rows, start: jax.lax.dynamic_update_slice_in_dim(
+        x, rows, start, 0)
 
     def phase(k, carry):
-      roots, refreshed_at, errors, rejected = [list(c) for c in carry]
+      roots, refreshed_at, errors, rejected = map(list, carry)
       for (dim, p), members in buckets.items():
         shares = [_share(stats[i].shape[0], k, num_phases) for i in members]
-        take = lambda x, start, size: jax.lax.dynamic_slice_in_dim(
-            x, start, size)
+        candidates = jnp.concatenate(
+            [take(stats[i], *share) for i, share in zip(members, shares)])
         result = _roots.stacked_inverse_pth_root(
-            _symmetric.unpack(jnp.concatenate([
-                take(stats[i], *share) for i, share in zip(members, shares)
-            ]), dim),
-            p, method=root_method, ridge_epsilon=eps)
+            _symmetric.unpack(candidates, dim), p, method=root_method,
+            ridge_epsilon=eps)
         new_roots = _symmetric.pack(result.root)
         ok = jnp.isfinite(result.error) & (result.error <= max_error)
         offset = 0
         for i, (start, size) in zip(members, shares):
           part = slice(offset, offset + size)
           offset += size
-          put = lambda x, rows, start=start: (
-              jax.lax.dynamic_update_slice_in_dim(x, rows, start, 0))
           old = take(roots[i], start, size)
-          keep = ok[part].reshape((size,) + (1,) * (old.ndim - 1))
+          accept = ok[part].reshape((size,) + (1,) * (old.ndim - 1))
           roots[i] = put(roots[i], jnp.where(
-              keep, new_roots[part].astype(old.dtype), old))
+              accept, new_roots[part].astype(old.dtype), old), start)
           refreshed_at[i] = put(refreshed_at[i], jnp.where(
-              ok[part], count, take(refreshed_at[i], start, size)))
-          errors[i] = put(errors[i], result.error[part])
-          rejected[i] = put(rejected[i], ~ok[part])
+              ok[part], count, take(refreshed_at[i], start, size)), start)
+          errors[i] = put(errors[i], result.error[part], start)
+          rejected[i] = put(rejected[i], ~ok[part], start)
       return roots, refreshed_at, errors, rejected
 
-    zeros = lambda dtype: [jnp.zeros(x.shape[:1], dtype)
-                           for x in flat(refreshed_at)]
-    out = jax.lax.fori_loop(
-        lo, hi, phase,
-        (flat(roots), flat(refreshed_at), zeros(jnp.float32),
-         zeros(jnp.bool_)))
-    roots_shapes = [x.shape for x in arrays[1]]
-    return tuple(
-        [x.reshape(shape) for x, shape in zip(xs, shapes_of)]
-        for xs, shapes_of in zip(out, (roots_shapes, shapes, shapes, shapes)))
+    per_row = lambda dtype: [jnp.zeros(x.shape[:1], dtype)
+                             for x in refreshed_at]
+    out = jax.lax.fori_loop(lo, hi, phase, (
+        roots, refreshed_at, per_row(jnp.float32), per_row(jnp.bool_)))
+    return tuple([x.reshape(shape) for x, shape in zip(xs, shapes)]
+                 for xs, shapes in zip(out, (root_shapes,) + (batch_shapes,) * 3))
 
   return _sharding.map_blocks(
       body, specs, (list(stats), list(roots), list(refreshed_at)),

@@ -101,7 +101,8 @@ def _entry(names: Sequence[str]) -> AxisEntry:
 
 
 # While set, parameters count as unsharded when choosing the factors' split:
-# `state_shardings` for an Auto mesh, whose update cannot see them.
+# `state_shardings` for an Auto mesh, whose update cannot see them (the
+# per-family state still follows them: the update does not pin it).
 _IGNORE_PARAM_SHARDINGS = []
 
 
@@ -117,14 +118,13 @@ def _parameters_unseen():
 def leaf_spec(x) -> tuple[AxisEntry, ...]:
   """A leaf's sharding, one entry per dim (all ``None`` when not explicit)."""
   entries = ()
-  if not _IGNORE_PARAM_SHARDINGS:
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    mesh = getattr(sharding, "mesh", None)
-    explicit = set(getattr(mesh, "explicit_axes", ()) or ())
-    if spec is not None:
-      entries = tuple(
-          _entry([a for a in _names(e) if a in explicit]) for e in spec)
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  mesh = getattr(sharding, "mesh", None)
+  explicit = set(getattr(mesh, "explicit_axes", ()) or ())
+  if spec is not None:
+    entries = tuple(
+        _entry([a for a in _names(e) if a in explicit]) for e in spec)
   return entries + (None,) * (x.ndim - len(entries))
 
 
@@ -139,6 +139,8 @@ def factor_batch_specs(plan, leaf_specs, shard_axes) -> list[tuple]:
   Returns:
     For each factor of ``plan``, one `AxisEntry` per batch axis.
   """
+  if _IGNORE_PARAM_SHARDINGS:
+    leaf_specs = [(None,) * len(s) for s in leaf_specs]
   sizes = {}
   if shard_axes is not None or any(any(s) for s in leaf_specs):
     mesh = context_mesh(shard_axes)

@@ -295,7 +295,9 @@ def test_none_leaves_and_masked_nodes():
   assert u["none"] is None and u["nested"]["x"] is None
   assert isinstance(u["masked"], optax.MaskedNode)
   assert isinstance(u["nested"]["y"], optax.MaskedNode)
-  assert state.graft["none"] is None
+  # The per-family state holds the live leaves only.
+  assert sum(x.size for x in state.graft) == sum(
+      x.size for x in jax.tree.leaves(live))
   for k in SHAPES:
     np.testing.assert_array_equal(u[k], r[k])
 
@@ -329,13 +331,15 @@ def test_shard_axes_without_mesh_names_the_option():
 
 @pytest.mark.parametrize("graft,b1", [("adam", 0.9), ("sgd", 0.9),
                                       ("adam", 0.0)])
-@pytest.mark.parametrize("case", ["vector_shape", "renamed", "extra_leaf",
+# The state holds the leaves' shapes in order, not their names: a renamed
+# tree with the same shapes in the same places is the same problem.
+@pytest.mark.parametrize("case", ["vector_shape", "reordered", "extra_leaf",
                                   "missing_leaf"])
 def test_mismatched_update_tree_names_the_cause(graft, b1, case):
   init_tree = {"w": jnp.zeros((4, 3)), "b": jnp.zeros((3,))}
   updates = {
       "vector_shape": {"w": jnp.zeros((4, 3)), "b": jnp.zeros((5,))},
-      "renamed": {"w": jnp.zeros((4, 3)), "c": jnp.zeros((3,))},
+      "reordered": {"w": jnp.zeros((4, 3)), "x": jnp.zeros((3,))},
       "extra_leaf": {**init_tree, "c": jnp.zeros((2,))},
       "missing_leaf": {"w": jnp.zeros((4, 3))},
   }[case]

@@ -14,8 +14,9 @@ import pytest
 
 pytestmark = pytest.mark.multidevice
 
-# A while loop of 3 trips holding an all-gather, a refresh conditional (one
-# branch computes an eigh and all-reduces) and a plain conditional.
+# A while loop of 3 trips holding an all-gather; the refresh loop (a while
+# without a trip count, op name ".../shard_map/while", whose body computes an
+# eigh and all-reduces); an eigh hoisted out of it; a plain conditional.
 _HLO = """HloModule m
 
 %body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
@@ -27,7 +28,7 @@ _HLO = """HloModule m
   %p = (s32[], f32[8]{0}) parameter(0)
 }
 
-%roots (a: f32[4,4]) -> f32[16] {
+%phase (a: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
   %e = (f32[4,4]{0,1}, f32[4]{0}, s32[]) custom-call(%a), custom_call_target="lapack_ssyevd_ffi"
   %ar = (f32[16]{0}, s32[]) all-reduce(%b, %c), to_apply=%add
 }
@@ -46,27 +47,31 @@ _HLO = """HloModule m
 
 ENTRY %main (x: f32[8]) -> f32[2,2] {
   %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
-  %c = f32[16]{0} conditional(%pred, %x, %y), branch_computations={%keep, %roots}
+  %h = (f32[4,4]{0,1}, f32[4]{0}, s32[]) custom-call(%a), custom_call_target="lapack_ssyevd_ffi"
+  %r = (s32[], f32[4,4]) while(%u), condition=%cond, body=%phase, metadata={op_name="jit(step)/shard_map/while"}
   %d = f32[16]{0} conditional(%pred, %x, %y), branch_computations={%keep, %apply}
-  ROOT %r = f32[2,2]{1,0} collective-permute(%z), source_target_pairs={{0,1}}
+  ROOT %q = f32[2,2]{1,0} collective-permute(%z), source_target_pairs={{0,1}}
 }
 """
 
 
-def test_collective_bytes_trip_counts_and_refresh_branch():
+def test_collective_bytes_trip_counts_and_refresh_loop():
   from benchmarks import scale_bench  # pylint: disable=g-import-not-at-top
 
-  out = scale_bench.collective_bytes(_HLO)
-  normal, refresh = out["normal_step"], out["refresh_step"]
-  assert normal["by_kind"]["all-gather"] == 3 * 64 * 4
-  assert normal["by_kind"]["collective-permute"] == 16 + 8
-  assert normal["by_kind"]["all-reduce"] == 0
-  assert refresh["by_kind"]["all-reduce"] == 16 * 4 + 4
-  assert refresh["total"] == normal["total"] + 68
-  assert normal["largest"][0] == dict(kind="all-gather", op_name="gather",
-                                      bytes=768)
-  assert out["refresh_conditionals"] == 1
-  assert out["unknown_trip_counts"] == 0
+  for phases in (0, 1):
+    out = scale_bench.collective_bytes(_HLO, normal_phases=phases)
+    normal, refresh = out["normal_step"], out["refresh_step"]
+    assert normal["by_kind"]["all-gather"] == 3 * 64 * 4
+    assert normal["by_kind"]["collective-permute"] == 16 + 8
+    assert normal["by_kind"]["all-reduce"] == phases * (16 * 4 + 4)
+    assert refresh["by_kind"]["all-reduce"] == 16 * 4 + 4
+    assert refresh["total"] == normal["total"] + (1 - phases) * 68
+    assert out["refresh_phase"]["total"] == 68
+    assert normal["largest"][0] == dict(kind="all-gather", op_name="gather",
+                                        bytes=768)
+    assert out["refresh_loops"] == 1
+    assert out["eigh_outside_refresh_loop"] == 1
+    assert out["unknown_trip_counts"] == 0
 
 
 def _shard_bytes(x) -> int:
@@ -80,32 +85,43 @@ def test_tiny_decoder_measurement():
   import shampoo_optax  # pylint: disable=g-import-not-at-top
 
   config = scale_bench.CONFIGS["tiny"]
-  r = scale_bench.measure(config, log=lambda _: None)
-  adamw, shampoo = r["adamw"], r["shampoo"]
+  # One Shampoo variant keeps the test short; "all" differs only in the
+  # refresh phases a normal step runs (the test above).
+  r = scale_bench.measure(config, log=lambda _: None,
+                          variants=("shampoo_staggered",))
+  adamw, shampoo = r["adamw"], r["shampoo_staggered"]
+  assert r["variants"] == ["shampoo_staggered"]
 
   # The abstract state's own types (explicit mesh), independent of
-  # state_shardings: the per-device bytes are the sum of the leaves' shards.
+  # abstract_state: the per-device bytes are the sum of the leaves' shards.
   mesh = jax.make_mesh((8,), ("fsdp",),
                        axis_types=(jax.sharding.AxisType.Explicit,))
   params = scale_bench.abstract_params(config, mesh)
-  options, _ = scale_bench.shampoo_options(params)
+  options, _ = scale_bench.shampoo_options(params, refresh="staggered")
   with jax.set_mesh(mesh):
     state = jax.eval_shape(
         shampoo_optax.shampoo(1e-3, **options).init, params)
   assert shampoo["state_bytes_per_device"] == sum(
       _shard_bytes(x) for x in jax.tree.leaves(state)) > 0
+  assert sum(shampoo["state_report_per_device"].values()) == (
+      shampoo["state_bytes_per_device"])
   # Every tiny parameter is split 8 ways; AdamW keeps mu and nu (+ a count).
   assert adamw["state_bytes_per_device"] - adamw["state_scalar_bytes"] == (
       2 * r["param_bytes"] // 8)
   assert adamw["memory"]["argument"] >= r["param_bytes"] // 8
 
-  stats = sum(n for n, _, _ in shampoo["bucket_shapes"])
-  assert shampoo["roots_per_device"] == stats // 8 > 0
+  (inner,) = scale_bench._shampoo_states(state)  # pylint: disable=protected-access
+  assert shampoo["roots_per_device"] == sum(
+      math.prod(x.sharding.shard_shape(x.shape)[:-2])
+      for x in inner.stats) > 0
+  assert 0 < shampoo["roots_per_phase"] < shampoo["roots_per_device"]
+  assert shampoo["refresh_share_bytes"] > 0
   assert r["model_matches_measured"]
   assert [m["devices"] for m in r["model"]] == [8, 64, 256] * 2
 
   for m in (adamw, shampoo):
     assert m["memory"]["peak"] >= m["memory"]["temp"] > 0
+    assert m["update_memory"]["argument"] > 0
     assert m["total_seconds"] > 0
     col = m["collectives"]
     assert col["unknown_trip_counts"] == 0
@@ -113,16 +129,23 @@ def test_tiny_decoder_measurement():
     assert col["refresh_step"]["total"] >= col["normal_step"]["total"]
     assert sum(col["normal_step"]["by_kind"].values()) == (
         col["normal_step"]["total"])
-  assert shampoo["collectives"]["refresh_conditionals"] >= 1
-  assert adamw["collectives"]["refresh_conditionals"] == 0
+  assert shampoo["collectives"]["refresh_loops"] == 1
+  assert shampoo["collectives"]["normal_phases"] == 1
+  assert adamw["collectives"]["refresh_loops"] == 0
+  # Staggered: every step runs one phase.
+  assert shampoo["collectives"]["refresh_step"] == (
+      shampoo["collectives"]["normal_step"])
   # Gathering weights forward and (rematerialised) backward: at least twice
   # the layer parameters for either optimizer.
   assert adamw["collectives"]["normal_step"]["by_kind"]["all-gather"] >= (
       2 * 4 * 12 * config.layers * config.d_model**2)
-  assert set(r["targets"]) == {"state", "collectives", "peak_memory",
-                               "compile"}
-  assert all(isinstance(t["passed"], bool) for t in r["targets"].values())
+  assert set(r["targets"]) == {"shampoo_staggered"}
+  assert set(r["targets"]["shampoo_staggered"]) == {
+      "state", "collectives", "peak_memory", "compile"}
+  assert all(isinstance(t["passed"], bool)
+             for t in r["targets"]["shampoo_staggered"].values())
   assert 0 < r["preconditioned_param_fraction"] <= 1
   text = scale_bench.markdown([r], dict(
       git=dict(commit="x"), machine=dict(jax_version=jax.__version__)))
-  assert "| tiny (" in text and "| tiny | as given |" in text
+  assert "| tiny (" in text and "| tiny | per layer |" in text
+  assert "shampoo (staggered)" in text

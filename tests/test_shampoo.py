@@ -396,7 +396,7 @@ def test_mismatched_update_tree():
   with pytest.raises(ValueError, match="do not match the tree given to init"):
     tx.update({"w": jnp.zeros((3, 4))}, state)
   with pytest.raises(ValueError, match="do not match the tree given to init"):
-    tx.update({"v": jnp.zeros((4, 3))}, state)
+    tx.update({"v": jnp.zeros((4, 3)), "w": jnp.zeros((2,))}, state)
 
 
 def count_ops(hlo: str, names) -> int:

@@ -127,9 +127,16 @@ def test_explicit_sharding_types_stable_and_split(layout):
       assert tuple(jax.typeof(stack).sharding.spec)[:3] == split
       local = tuple(n // (8 if a else 1) for n, a in zip(stack.shape, split))
       assert shard_shapes(stack) == {local + stack.shape[3:]}
-  for tree in (shampoo_state.graft, shampoo_state.mu, updates):
-    for name, leaf in tree.items():
-      assert leaf.sharding.spec == params[name].sharding.spec, name
+  for name, leaf in updates.items():
+    assert leaf.sharding.spec == params[name].sharding.spec, name
+  # Grafting and momentum: one [units, *shape] array per family (b, layers,
+  # w1, w2), split like the family's parameter.
+  fsdp = layout == "fsdp"
+  expected = [(None,), ("data" if fsdp else None, None, None),
+              (None, "data" if fsdp else None, None),
+              (None, "data" if fsdp else None, None)]
+  for tree in (shampoo_state.graft, shampoo_state.mu):
+    assert [tuple(jax.typeof(x).sharding.spec) for x in tree] == expected
 
 
 def test_no_mesh_is_single_device_and_missing_axes_are_named():
@@ -165,9 +172,12 @@ def test_pjit_way_with_state_shardings_in_a_chain():
   for i, split in enumerate(SPLIT_8):
     for sharding in (shampoo_sh.stats[i], shampoo_sh.preconditioners[i]):
       assert same(sharding, NamedSharding(mesh, P(*split)), 5)
+  # Per-family state follows the parameters (layers, w1 and w2 split by
+  # rows), as the update does not pin it.
   for tree in (shampoo_sh.mu, shampoo_sh.graft):
-    for name, sharding in tree.items():
-      assert same(sharding, param_sh[name], len(SHAPES[name])), name
+    assert same(tree[1], NamedSharding(mesh, P("data")), 3)
+    assert same(tree[2], NamedSharding(mesh, P(None, "data")), 3)
+    assert same(tree[0], NamedSharding(mesh, P()), 2)
   assert same(shampoo_sh.count, NamedSharding(mesh, P()), 0)
   # The same with shardings given as PartitionSpecs and abstract params.
   abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
@@ -348,8 +358,10 @@ def test_flax_training_under_three_usage_patterns(capsys):
     expected = P("data", None) if pattern == "fsdp" else P()
     assert same(kernel.sharding, NamedSharding(kernel.sharding.mesh,
                                                expected), 2), pattern
-    mu = state[0].mu["params"]["Dense_1"]["kernel"]
-    assert same(mu.sharding, kernel.sharding, 2), pattern
+    # Families: the 64-wide biases, then Dense_0's and Dense_1's kernels.
+    mu = state[0].mu[2]
+    assert same(mu.sharding, NamedSharding(kernel.sharding.mesh, P(
+        None, *kernel.sharding.spec)), 3), pattern
     # Dense_1's 8 x 8 blocks: a row of 8 blocks per device.
     for stack in state[0].stats[2:4] + state[0].preconditioners[2:4]:
       assert shard_shapes(stack) == {(1, 1, 8, 9, 4)}, pattern

@@ -3,7 +3,8 @@
 Run as ``python -m benchmarks.sharding_bench [--layers 16 --dim 512
 --block-size 128 --runs 5 --output PATH]``. It sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` itself (before JAX
-starts), prints a summary and writes ``benchmarks/results/sharding.json``.
+starts), prints a summary and writes ``benchmarks/results/sharding.json``
+(and a table, ``sharding.md``).
 
 The model is ``layers`` square ``dim x dim`` matrices in ``block_size``
 blocks (``layers * (dim / block_size)^2`` blocks, two Kronecker factors
@@ -70,6 +71,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from benchmarks import run as run_lib
 from benchmarks import scale_bench
 import shampoo_optax
 from shampoo_optax import _roots
@@ -241,9 +243,10 @@ def _kinds(counts: dict) -> str:
                    ) or "none"
 
 
-def markdown(results, args) -> str:
+def markdown(results, args, git: dict) -> str:
   mib = 2.0**20
   lines = [
+      f"commit {git['commit']}{' (dirty)' if git.get('dirty') else ''}; "
       f"{args.layers} x {args.dim}^2 matrices, block {args.block_size}; "
       f"`scale_by_shampoo(shard_axes=\"data\")`; {os.cpu_count()} cores "
       "shared by the simulated devices. Per device.", "",
@@ -314,6 +317,7 @@ def main(argv=None):
   out = dict(
       summary=summary,
       results=results,
+      git=run_lib.git_info(),
       machine=dict(
           cpu_count=os.cpu_count(), platform=platform.platform(),
           jax=jax.__version__, backend=jax.default_backend(),
@@ -323,8 +327,10 @@ def main(argv=None):
   )
   args.output.parent.mkdir(parents=True, exist_ok=True)
   args.output.write_text(json.dumps(out, indent=1, default=str) + "\n")
+  text = markdown(results, args, out["git"])
+  args.output.with_suffix(".md").write_text(text)
 
-  print(markdown(results, args))
+  print(text)
   for r in results:
     print(f"collectives, {r['layout']} on {r['devices']} device(s):")
     for c in r["collectives"]:

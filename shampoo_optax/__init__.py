@@ -2,11 +2,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Distributed Shampoo for optax."""
 
+from shampoo_optax._report import state_report
+from shampoo_optax._report import StateReport
 from shampoo_optax._roots import default_root_method
 from shampoo_optax._roots import inverse_pth_root
 from shampoo_optax._roots import InverseRootResult
-from shampoo_optax._report import state_report
-from shampoo_optax._report import StateReport
 from shampoo_optax._roots import root_error
 from shampoo_optax._shampoo import scale_by_shampoo
 from shampoo_optax._shampoo import shampoo
@@ -15,6 +15,11 @@ from shampoo_optax._shampoo import ShampooState
 from shampoo_optax._shampoo import STATIC_OPTIONS
 from shampoo_optax._sharding import abstract_state
 from shampoo_optax._sharding import state_shardings
+from shampoo_optax._soap import scale_by_soap
+from shampoo_optax._soap import soap
+from shampoo_optax._soap import SOAP_STATIC_OPTIONS
+from shampoo_optax._soap import SoapDiagnostics
+from shampoo_optax._soap import SoapState
 
 __version__ = "0.1.0"
 
@@ -27,9 +32,14 @@ __all__ = (
     "state_report",
     "StateReport",
     "scale_by_shampoo",
+    "scale_by_soap",
     "shampoo",
     "ShampooDiagnostics",
     "ShampooState",
+    "soap",
+    "SOAP_STATIC_OPTIONS",
+    "SoapDiagnostics",
+    "SoapState",
     "STATIC_OPTIONS",
     "state_shardings",
 )

@@ -367,9 +367,19 @@ def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,
         shares = [_share(stats[i].shape[0], k, num_phases) for i in members]
         candidates = jnp.concatenate(
             [take(stats[i], *share) for i, share in zip(members, shares)])
-        result = _roots.stacked_inverse_pth_root(
-            _symmetric.unpack(candidates, dim), p, method=root_method,
-            ridge_epsilon=eps)
+        # With one phase the candidates do not depend on k, and XLA would
+        # hoist the roots out of the loop, computing them on every step,
+        # whatever the trip count. A cond on k (true inside the loop) keeps
+        # them in.
+        result = jax.lax.cond(
+            k < hi,
+            lambda c, dim=dim, p=p: _roots.stacked_inverse_pth_root(
+                _symmetric.unpack(c, dim), p, method=root_method,
+                ridge_epsilon=eps),
+            lambda c, dim=dim: _roots.InverseRootResult(
+                jnp.zeros(c.shape[:1] + (dim, dim), jnp.float32),
+                jnp.full(c.shape[:1], jnp.inf, jnp.float32)),
+            candidates)
         new_roots = _symmetric.pack(result.root)
         ok = jnp.isfinite(result.error) & (result.error <= max_error)
         offset = 0
@@ -453,6 +463,20 @@ def _momentum(directions, mus, step, b1, *, nesterov: bool, heavy_ball: bool):
             for m, d in zip(mus, directions)], mus
   scale = _grafting.bias_correction(b1, step)
   return [m / scale for m in mus], mus
+
+
+def _family_zeros(plan, leaves, dtype) -> tuple[jax.Array, ...]:
+  """Zeros ``[units, *shape]`` per family, split like its leaves.
+
+  ``dtype`` ``None`` takes the dtype of the family's first leaf.
+  """
+  leaf_specs = [_sharding.leaf_spec(x) for x in leaves]
+  return tuple(
+      _sharding.constrain(
+          jnp.zeros((fam.units,) + fam.shape,
+                    dtype or leaves[fam.members[0].leaf].dtype),
+          _sharding.family_spec(plan, f, leaf_specs))
+      for f, fam in enumerate(plan.families))
 
 
 # ---------------------------------------------------------------------------
@@ -607,16 +631,7 @@ def scale_by_shampoo(
     eye = lambda f: _symmetric.pack(jnp.eye(f.dim, dtype=preconditioner_dtype))
     place = lambda xs: tuple(_sharding.constrain(x, s)
                              for x, s in zip(xs, specs))
-    leaf_specs = [_sharding.leaf_spec(x) for x in leaves]
-
-    def per_family(dtype):
-      # Each family's arrays split like its leaves (explicit sharding).
-      return tuple(
-          _sharding.constrain(
-              jnp.zeros((fam.units,) + fam.shape,
-                        dtype or leaves[fam.members[0].leaf].dtype),
-              _sharding.family_spec(plan, f, leaf_specs))
-          for f, fam in enumerate(plan.families))
+    per_family = functools.partial(_family_zeros, plan, leaves)
 
     return ShampooState(
         count=jnp.zeros([], jnp.int32),
@@ -867,12 +882,18 @@ def shampoo(
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-  if not skip_nonfinite:
-    return tx
+  return _skipping_nonfinite(tx) if skip_nonfinite else tx
+
+
+def _skipping_nonfinite(tx) -> optax.GradientTransformationExtraArgs:
+  """``tx`` made a no-op on the steps its first transform skipped.
+
+  ``tx`` is a chain whose first state has ``diagnostics.nonfinite_steps``.
+  """
 
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, new_state = tx.update(updates, state, params, **extra_args)
-    # A step scale_by_shampoo skipped is a no-op for the whole chain: no
+    # A step the first transform skipped is a no-op for the whole chain: no
     # weight decay, and the learning-rate schedule does not advance.
     skipped = (new_state[0].diagnostics.nonfinite_steps
                != state[0].diagnostics.nonfinite_steps)

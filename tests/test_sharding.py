@@ -132,7 +132,7 @@ def test_explicit_sharding_types_stable_and_split(layout):
   # Grafting and momentum: one [units, *shape] array per family (b, layers,
   # w1, w2), split like the family's parameter.
   fsdp = layout == "fsdp"
-  expected = [(None,), ("data" if fsdp else None, None, None),
+  expected = [(None, None), ("data" if fsdp else None, None, None),
               (None, "data" if fsdp else None, None),
               (None, "data" if fsdp else None, None)]
   for tree in (shampoo_state.graft, shampoo_state.mu):

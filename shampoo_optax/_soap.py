@@ -1,0 +1,497 @@
+# Copyright 2026 The shampoo_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
+
+SOAP (Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam",
+arXiv 2409.11321) keeps Shampoo's statistics, one per axis of each block
+(see `_blocks`), but instead of their inverse roots it uses their
+eigenvectors :math:`Q_i` as a basis in which to run Adam. With
+:math:`x \times_i A` the product of axis :math:`i` of :math:`x` with
+:math:`A`, a block's rotation into the basis and back are
+
+.. math::
+
+  \mathcal{R}(x) = x \times_1 Q_1^\top \cdots \times_k Q_k^\top, \qquad
+  \mathcal{R}^{-1}(x) = x \times_1 Q_1 \cdots \times_k Q_k.
+
+The bases change slowly (every ``precondition_every`` steps, by one step of
+power iteration), so Adam's second moment, kept in the rotated coordinates,
+stays meaningful across refreshes. The update reuses Shampoo's stages
+(`_shampoo`): stacking into families, the finiteness check, the statistics
+and the sharding of the per-block state.
+"""
+
+import functools
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from shampoo_optax import _blocks
+from shampoo_optax import _grafting
+from shampoo_optax import _roots
+from shampoo_optax import _shampoo
+from shampoo_optax import _sharding
+from shampoo_optax import _symmetric
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class SoapDiagnostics(NamedTuple):
+  """Scalars to log, updated inside the jitted step.
+
+  Attributes:
+    basis_failures: cumulative number of refreshed bases rejected because
+      they were not finite (each kept its previous basis).
+    last_refresh_step: the step (0-based) of the last basis refresh, -1
+      before the first.
+    nonfinite_steps: steps skipped because a gradient was NaN or infinite.
+  """
+
+  basis_failures: chex.Array
+  last_refresh_step: chex.Array
+  nonfinite_steps: chex.Array
+
+
+class SoapState(NamedTuple):
+  """State of `scale_by_soap`.
+
+  Attributes:
+    count: number of (finite) updates applied so far.
+    stats: the Shampoo statistics, one float32 ``[n, *grid, *packed]``
+      array per factor (see `shampoo_optax.ShampooState`).
+    bases: the eigenbases, one ``[n, *grid, d, d]`` array per factor in
+      ``basis_dtype`` (column ``j`` is the ``j``-th eigenvector, by
+      decreasing eigenvalue).
+    mu: Adam's first moment, one float32 ``[units, *shape]`` array per
+      family, in the parameters' coordinates.
+    nu: Adam's second moment, same layout; for a preconditioned family each
+      block holds it in that block's rotated coordinates.
+    diagnostics: `SoapDiagnostics`.
+  """
+
+  count: chex.Array
+  stats: tuple[chex.Array, ...]
+  bases: tuple[chex.Array, ...]
+  mu: tuple[chex.Array, ...]
+  nu: tuple[chex.Array, ...]
+  diagnostics: SoapDiagnostics
+
+
+# Pass as `static_args` to `optax.inject_hyperparams(soap)`; the float options
+# (learning_rate, b1, b2, eps, shampoo_beta, weight_decay) may be traced.
+SOAP_STATIC_OPTIONS = (
+    "block_size",
+    "precondition_every",
+    "max_precondition_dim",
+    "skip_nonfinite",
+    "shard_axes",
+    "layer_axes",
+    "basis_dtype",
+    "mask",
+)
+
+
+def _one_at_a_time(fn, *matrices):
+  """``fn`` over stacks ``[rows, d, d]``: one matrix at a time on CPU.
+
+  CPU LAPACK calls deadlock when batched across the intra-op pool (see
+  `_roots._single_threaded_openblas`).
+  """
+  if jax.default_backend() != "cpu":
+    return fn(*matrices)
+  _roots._single_threaded_openblas()  # pylint: disable=protected-access
+  return jax.lax.map(lambda xs: fn(*xs), matrices)
+
+
+def _normalized(s: jax.Array) -> jax.Array:
+  """``s`` over its max-abs entry: bases do not depend on the scale."""
+  scale = jnp.max(jnp.abs(s), axis=(-2, -1), keepdims=True)
+  return s / jnp.where(scale > 0, scale, 1.0)
+
+
+def _eigenbasis(s: jax.Array):
+  """Eigenvectors of ``s``, by decreasing eigenvalue, and the identity order."""
+  _, vectors = jnp.linalg.eigh(s, symmetrize_input=False)
+  order = jnp.broadcast_to(jnp.arange(s.shape[-1]), s.shape[:-1])
+  return vectors[..., ::-1], order
+
+
+def _power_qr(s: jax.Array, q: jax.Array):
+  """One power-iteration step from ``q``, its columns first sorted.
+
+  The columns of ``q`` are sorted by decreasing estimated eigenvalue
+  :math:`\\operatorname{diag}(Q^\\top S Q)`, then :math:`Q \\leftarrow
+  \\operatorname{qr}(S Q)`. Returns the basis and the sorting order.
+  """
+  sq = jnp.matmul(s, q, precision=_HIGHEST)
+  estimates = jnp.sum(q * sq, axis=-2)
+  order = jnp.argsort(-estimates, axis=-1, stable=True)
+  # qr(S Q[:, order]) = qr((S Q)[:, order]).
+  sq = jnp.take_along_axis(sq, order[..., None, :], axis=-1)
+  return jnp.linalg.qr(sq)[0], order
+
+
+def _refresh_bases(plan, stats, bases, now, specs, *, method: str):
+  """New bases where ``now``: ``"eigh"`` of, or ``"qr"`` power step on, S.
+
+  Computed on each device for its own blocks (`_sharding.map_blocks`). A
+  non-finite basis is rejected and the previous one kept.
+
+  Returns:
+    The bases, per factor the column order ``[n, *grid, d]`` applied to the
+    previous basis (the identity where nothing changed), and per factor
+    whether each block's new basis was rejected.
+  """
+  nbatch = [len(f.batch_shape) for f in plan.factors]
+
+  def body(arrays, replicated):
+    (now,) = replicated
+    shapes = [x.shape for x in arrays[1]]
+    stats = [_symmetric.unpack(_shampoo._rows(s, n), f.dim)  # pylint: disable=protected-access
+             for s, n, f in zip(arrays[0], nbatch, plan.factors)]
+    old = [_shampoo._rows(q, n).astype(jnp.float32)  # pylint: disable=protected-access
+           for q, n in zip(arrays[1], nbatch)]
+    identity = [jnp.broadcast_to(jnp.arange(f.dim), q.shape[:-1])
+                for f, q in zip(plan.factors, old)]
+
+    def compute(stats, old):
+      if method == "eigh":
+        return [_one_at_a_time(_eigenbasis, _normalized(s)) for s in stats]
+      return [_one_at_a_time(_power_qr, _normalized(s), q)
+              for s, q in zip(stats, old)]
+
+    # Zeros where not refreshing, selected below: a cond branch that passes
+    # the bases through would copy them.
+    fresh = jax.lax.cond(
+        now, compute,
+        lambda _, old: [(jnp.zeros_like(q), i) for q, i in zip(old, identity)],
+        stats, old)
+    new_bases, orders, rejected = [], [], []
+    for (q, order), prev, ident, shape in zip(fresh, old, identity, shapes):
+      ok = now & jnp.all(jnp.isfinite(q), axis=(-2, -1))
+      new_bases.append(jnp.where(ok[:, None, None], q, prev).reshape(shape))
+      orders.append(jnp.where(ok[:, None], order, ident).reshape(shape[:-1]))
+      rejected.append((now & ~ok).reshape(shape[:-2]))
+    return new_bases, orders, rejected
+
+  new_bases, orders, rejected = _sharding.map_blocks(
+      body, specs, (list(stats), list(bases)), (now,), num_outputs=3)
+  return ([q.astype(b.dtype) for q, b in zip(new_bases, bases)], orders,
+          rejected)
+
+
+def _rotate(plan, family: int, x: jax.Array, matrices, specs) -> jax.Array:
+  """``x`` ``[units, *shape]`` with every block's axes multiplied.
+
+  Axis ``i`` of each block is multiplied by ``matrices(index)`` (``[n, *grid,
+  d, d]``, ``index`` the factor), ``y[z] = sum_a M[z, a] x[a]``.
+  """
+  fam = plan.families[family]
+  out = []
+  for p, piece in enumerate(fam.pieces):
+    block = _blocks.blocks_of(x, piece)
+    for index, factor in plan.factors_of(family):
+      if factor.piece == p:
+        block = _sharding.constrain(
+            _shampoo._apply_root(block, matrices(index), factor.axis,  # pylint: disable=protected-access
+                                 len(factor.batch_shape)), specs[index])
+    out.append(block)
+  return _blocks.assemble(out, fam.pieces)
+
+
+def scale_by_soap(
+    block_size: int = 128,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    shampoo_beta: float = 0.95,
+    precondition_every: int = 10,
+    max_precondition_dim: int = 4096,
+    skip_nonfinite: bool = True,
+    shard_axes: _sharding.ShardAxes = None,
+    layer_axes: Any = None,
+    basis_dtype: Any = jnp.float32,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by Adam run in the eigenbasis of Shampoo's factors.
+
+  SOAP's Algorithm 3 on every block :math:`G` of shape
+  :math:`(d_1, \dots, d_k)` (blocks and merged dims as in
+  `scale_by_shampoo`), at step :math:`t` (0-based, counting finite steps):
+
+  .. math::
+
+    S_i &\leftarrow \beta_s S_i + (1 - \beta_s) G_{(i)} G_{(i)}^\top, \\
+    G' &= G \times_1 Q_1^\top \cdots \times_k Q_k^\top, \qquad
+    M \leftarrow \beta_1 M + (1 - \beta_1) G, \qquad
+    M' = M \times_1 Q_1^\top \cdots \times_k Q_k^\top, \\
+    V &\leftarrow \beta_2 V + (1 - \beta_2) G'^2, \qquad
+    N' = \frac{M' / (1 - \beta_1^t)}{\sqrt{V / (1 - \beta_2^t)} + \epsilon},
+    \qquad D = N' \times_1 Q_1 \cdots \times_k Q_k,
+
+  so the first moment :math:`M` lives in the parameters' coordinates and is
+  rotated each step (a change of basis then needs no correction), the second
+  moment :math:`V` in the rotated ones. After the update the bases are
+  refreshed from the statistics, which then include :math:`G` (the current
+  gradient never rotates itself):
+
+  * at step 0, :math:`Q_i` = the eigenvectors of :math:`S_i` by decreasing
+    eigenvalue (``eigh``). As in the authors' reference implementation,
+    this step only initializes: the update of every preconditioned block is
+    zero and :math:`M, V` stay zero, so Adam's step :math:`t` there counts
+    from step 1;
+  * at every step :math:`t > 0` with :math:`t \bmod f = 0`
+    (:math:`f` = ``precondition_every``), one power-iteration step: the
+    columns of :math:`Q_i` are sorted by the estimated eigenvalues
+    :math:`\operatorname{diag}(Q_i^\top S_i Q_i)`, decreasing, then
+    :math:`Q_i \leftarrow \operatorname{qr}(S_i Q_i)`. The rows of
+    :math:`V` along axis :math:`i` follow their basis vectors through the
+    sort; otherwise :math:`V` is kept as it is.
+
+  Scalars, vectors and units with a dim above ``max_precondition_dim`` get
+  plain Adam from step 0 (``optax.scale_by_adam``). The result has the
+  gradient's sign.
+
+  Args:
+    block_size: largest side of a block; see `scale_by_shampoo`.
+    b1: Adam's first-moment decay :math:`\beta_1`, in ``[0, 1)``.
+    b2: Adam's second-moment decay :math:`\beta_2`, in ``[0, 1]``.
+    eps: Adam's :math:`\epsilon`.
+    shampoo_beta: decay :math:`\beta_s` of the statistics, in ``[0, 1]``
+      (1 sums).
+    precondition_every: steps :math:`f` between basis refreshes.
+    max_precondition_dim: units with a (merged) dim above this get plain
+      Adam.
+    skip_nonfinite: when any gradient is NaN/Inf (or its squares overflow),
+      return a zero update and leave the state unchanged (counted in
+      ``diagnostics.nonfinite_steps``).
+    shard_axes: mesh axis name(s) over which the per-block state is split;
+      see `scale_by_shampoo`.
+    layer_axes: axes of a leaf that index stacked layers; see
+      `scale_by_shampoo`.
+    basis_dtype: storage dtype of the bases (computed in float32).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a `SoapState`.
+  """
+  block_size = _shampoo._static_int("block_size", block_size, 1)  # pylint: disable=protected-access
+  precondition_every = _shampoo._static_int(  # pylint: disable=protected-access
+      "precondition_every", precondition_every, 1)
+  max_precondition_dim = _shampoo._static_int(  # pylint: disable=protected-access
+      "max_precondition_dim", max_precondition_dim, 1)
+  _shampoo._check_range("b1", b1, 0.0, 1.0, high_open=True)  # pylint: disable=protected-access
+  _shampoo._check_range("b2", b2, 0.0, 1.0)  # pylint: disable=protected-access
+  _shampoo._check_range("shampoo_beta", shampoo_beta, 0.0, 1.0)  # pylint: disable=protected-access
+  _shampoo._check_range("eps", eps, 0.0)  # pylint: disable=protected-access
+  if not isinstance(skip_nonfinite, bool):
+    raise TypeError(
+        f"skip_nonfinite must be True or False, got {skip_nonfinite!r}.")
+  shard_axes = _sharding.check_shard_axes(shard_axes)
+  basis_dtype = _shampoo._check_dtype("basis_dtype", basis_dtype)  # pylint: disable=protected-access
+  if basis_dtype is None:
+    raise TypeError("basis_dtype must be a floating dtype.")
+
+  def plan_for(tree):
+    paths, leaves, treedef = _shampoo._as_leaves(tree, "update")  # pylint: disable=protected-access
+    axes = _shampoo._resolve_layer_axes(  # pylint: disable=protected-access
+        layer_axes, tree, paths, leaves, treedef)
+    plan = _blocks.make_plan(tuple(tuple(x.shape) for x in leaves), axes,
+                             block_size, max_precondition_dim)
+    return plan, leaves, treedef
+
+  def init_fn(params):
+    plan, leaves, _ = plan_for(params)
+    specs = _sharding.factor_batch_specs(
+        plan, [_sharding.leaf_spec(x) for x in leaves], shard_axes)
+    place = lambda xs: tuple(_sharding.constrain(x, s)
+                             for x, s in zip(xs, specs))
+    zeros = functools.partial(_shampoo._family_zeros, plan, leaves,  # pylint: disable=protected-access
+                              jnp.float32)
+    return SoapState(
+        count=jnp.zeros([], jnp.int32),
+        stats=place(jnp.zeros(f.shape, jnp.float32) for f in plan.factors),
+        bases=place(
+            jnp.broadcast_to(jnp.eye(f.dim, dtype=basis_dtype),
+                             f.batch_shape + (f.dim, f.dim))
+            for f in plan.factors),
+        mu=zeros(),
+        nu=zeros(),
+        diagnostics=SoapDiagnostics(
+            basis_failures=jnp.zeros([], jnp.int32),
+            last_refresh_step=jnp.full([], -1, jnp.int32),
+            nonfinite_steps=jnp.zeros([], jnp.int32),
+        ),
+    )
+
+  def check_state(plan, state):
+    stats = [tuple(s.shape) for s in state.stats]
+    families = [tuple(m.shape) for m in state.mu]
+    if (stats != [f.shape for f in plan.factors]
+        or families != [(fam.units,) + fam.shape for fam in plan.families]):
+      raise ValueError(
+          "scale_by_soap: the state was made for other parameters or options"
+          f" (statistics {stats}, moments {families}; these updates need"
+          f" {[f.shape for f in plan.factors]} and"
+          f" {[(fam.units,) + fam.shape for fam in plan.families]}). Call"
+          " init with this transformation.")
+
+  def update_core(leaves, state, floats, plan, specs):
+    b1, b2, eps, beta_s = (jnp.asarray(x, jnp.float32) for x in floats)
+    count = state.count
+    stacked = [plan.stack([g.astype(jnp.float32) for g in leaves], f)
+               for f in range(len(plan.families))]
+    finite = _shampoo._all_finite(stacked) if skip_nonfinite else jnp.array(  # pylint: disable=protected-access
+        True)
+    blocks = _shampoo._gradient_blocks(plan, stacked, specs)  # pylint: disable=protected-access
+    stats = _shampoo._update_statistics(  # pylint: disable=protected-access
+        plan, blocks, list(state.stats), finite, beta_s, specs)
+
+    first = count == 0
+    bases = [b.astype(jnp.float32) for b in state.bases]
+    directions, mus, nus = [], [], []
+    for f, fam in enumerate(plan.families):
+      g, mu, nu = stacked[f], state.mu[f], state.nu[f]
+      if fam.preconditioned:
+        into = functools.partial(
+            _rotate, plan, f,
+            matrices=lambda i: jnp.swapaxes(bases[i], -1, -2), specs=specs)
+        back = functools.partial(_rotate, plan, f,
+                                 matrices=lambda i: bases[i], specs=specs)
+        # Step 0 only initializes the bases; Adam's steps start at 1.
+        adam_step = jnp.maximum(count, 1)
+      else:
+        into = back = lambda x: x
+        adam_step = count + 1
+      new_mu = _grafting.ema(mu, g, b1)
+      new_nu = _grafting.ema(nu, jnp.square(into(g)), b2)
+      rotated = (into(new_mu) / _grafting.bias_correction(b1, adam_step)) / (
+          jnp.sqrt(new_nu / _grafting.bias_correction(b2, adam_step)) + eps)
+      direction = back(rotated)
+      if fam.preconditioned:
+        direction = jnp.where(first, 0.0, direction)
+        new_mu = jnp.where(first, mu, new_mu)
+        new_nu = jnp.where(first, nu, new_nu)
+      directions.append(direction)
+      mus.append(new_mu)
+      nus.append(new_nu)
+
+    refresh_now = finite & (count > 0) & (count % precondition_every == 0)
+    bases, _, rejected_first = _refresh_bases(
+        plan, stats, bases, finite & first, specs, method="eigh")
+    bases, orders, rejected = _refresh_bases(
+        plan, stats, bases, refresh_now, specs, method="qr")
+    # V's entries follow their basis vectors through the sort.
+    for f, fam in enumerate(plan.families):
+      if fam.preconditioned:
+        nus[f] = _rotate(
+            plan, f, nus[f], specs=specs,
+            matrices=lambda i: jax.nn.one_hot(orders[i], plan.factors[i].dim,
+                                              dtype=jnp.float32))
+
+    keep = lambda new, old: tuple(
+        jnp.where(finite, n, o).astype(o.dtype) for n, o in zip(new, old))
+    directions = [jnp.where(finite, d, 0.0) for d in directions]
+    updates = [d.astype(g.dtype)
+               for d, g in zip(plan.unstack_tree(directions), leaves)]
+    failures = sum((jnp.sum(r, dtype=jnp.int32)
+                    for r in rejected + rejected_first),
+                   jnp.zeros([], jnp.int32))
+    diagnostics = state.diagnostics
+    refreshed = finite & (first | refresh_now) & bool(plan.factors)
+    new_state = SoapState(
+        count=jnp.where(finite, optax.safe_increment(count), count),
+        stats=tuple(stats),
+        bases=tuple(q.astype(old.dtype) for q, old in zip(bases, state.bases)),
+        mu=keep(mus, state.mu),
+        nu=keep(nus, state.nu),
+        diagnostics=SoapDiagnostics(
+            basis_failures=diagnostics.basis_failures + failures,
+            last_refresh_step=jnp.where(refreshed, count,
+                                        diagnostics.last_refresh_step),
+            nonfinite_steps=diagnostics.nonfinite_steps
+            + (~finite).astype(jnp.int32)),
+    )
+    return updates, new_state
+
+  def update_fn(updates, state, params=None):
+    del params
+    if not isinstance(state, SoapState):
+      raise TypeError(
+          "scale_by_soap: expected the SoapState made by this"
+          f" transformation's init, got {type(state).__name__}.")
+    plan, leaves, treedef = plan_for(updates)
+    check_state(plan, state)
+    if _sharding.explicit_axes_in_context():
+      # The split chosen at init is in the state's types.
+      specs = [_sharding.leaf_spec(s)[:len(f.batch_shape)]
+               for s, f in zip(state.stats, plan.factors)]
+    else:
+      specs = _sharding.factor_batch_specs(
+          plan, [(None,) * x.ndim for x in leaves], shard_axes)
+    core = functools.partial(update_core, plan=plan, specs=specs)
+    new_leaves, new_state = _sharding.in_auto_mode(core)(
+        leaves, state, (b1, b2, eps, shampoo_beta))
+    return jax.tree.unflatten(treedef, new_leaves), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def soap(
+    learning_rate: optax.ScalarOrSchedule,
+    block_size: int = 128,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    shampoo_beta: float = 0.95,
+    precondition_every: int = 10,
+    max_precondition_dim: int = 4096,
+    skip_nonfinite: bool = True,
+    shard_axes: _sharding.ShardAxes = None,
+    layer_axes: Any = None,
+    basis_dtype: Any = jnp.float32,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+) -> optax.GradientTransformation:
+  r"""SOAP with decoupled weight decay, the drop-in for ``optax.adamw``.
+
+  .. math::
+
+    w \leftarrow w - \eta_t \left(D_t + \lambda w\right)
+
+  where :math:`D_t` is `scale_by_soap`'s direction, :math:`\eta_t` the
+  learning rate (a float or an optax schedule) and :math:`\lambda` the
+  ``weight_decay``, applied where ``mask`` is true (as in ``optax.adamw``).
+  A step skipped for a non-finite gradient changes nothing.
+
+  Args:
+    learning_rate: float or ``optax.Schedule``.
+    block_size, b1, b2, eps, shampoo_beta, precondition_every,
+      max_precondition_dim, skip_nonfinite, shard_axes, layer_axes,
+      basis_dtype: see `scale_by_soap`.
+    weight_decay: decoupled weight decay :math:`\lambda`.
+    mask: where to apply weight decay.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+  _shampoo._check_range("weight_decay", weight_decay, 0.0)  # pylint: disable=protected-access
+  tx = optax.chain(
+      scale_by_soap(
+          block_size=block_size,
+          b1=b1,
+          b2=b2,
+          eps=eps,
+          shampoo_beta=shampoo_beta,
+          precondition_every=precondition_every,
+          max_precondition_dim=max_precondition_dim,
+          skip_nonfinite=skip_nonfinite,
+          shard_axes=shard_axes,
+          layer_axes=layer_axes,
+          basis_dtype=basis_dtype,
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+  return _shampoo._skipping_nonfinite(tx) if skip_nonfinite else tx  # pylint: disable=protected-access

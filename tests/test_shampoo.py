@@ -472,3 +472,47 @@ def test_bfloat16_roots_stay_close_to_float32():
   # 0 is the grafted step alone).
   for a, b in zip(low[1:], full[1:]):
     assert 1e-5 < rel_err(a, b) < 2e-2
+
+
+def _reachable_outside_conditionals(hlo: str) -> set[str]:
+  """Computations the entry reaches without entering a conditional's branch."""
+  bodies, name = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      name = header.group(1)
+      bodies[name] = []
+      if line.startswith("ENTRY"):
+        entry = name
+    elif name is not None:
+      bodies[name].append(line)
+  seen, stack = set(), [entry]
+  while stack:
+    comp = stack.pop()
+    if comp in seen:
+      continue
+    seen.add(comp)
+    for line in bodies[comp]:
+      if " conditional(" in line:
+        continue
+      stack += re.findall(
+          r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line)
+  return seen
+
+
+@pytest.mark.parametrize("refresh", ["all", "staggered"])
+def test_roots_run_only_on_refresh_phases(refresh):
+  """No inverse root outside its conditional: a normal step computes none.
+
+  With one phase per refresh the roots do not depend on the loop variable,
+  and XLA hoisted them out of the refresh loop, computing them every step.
+  """
+  tx = shampoo_optax.scale_by_shampoo(block_size=8, refresh=refresh,
+                                      root_method="eigh")
+  params = {"w": jnp.zeros((16, 12))}
+  hlo = jax.jit(tx.update).lower(params, tx.init(params)).compile().as_text()
+  outside = _reachable_outside_conditionals(hlo)
+  blocks = hlo.split("\n\n")
+  eigh_in = {re.match(r"^(?:ENTRY )?%?([\w.\-]+)", b.strip()).group(1)
+             for b in blocks if "syevd" in b}
+  assert eigh_in and not eigh_in & outside, (eigh_in, outside)

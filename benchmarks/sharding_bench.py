@@ -79,7 +79,7 @@ from shampoo_optax import _roots
 DEFAULT_OUTPUT = pathlib.Path(__file__).parent / "results" / "sharding.json"
 _COLLECTIVE = re.compile(
     r"= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|"
-    r"reduce-scatter)(?:-start)?\(.*?op_name=\"([^\"]*)\"")
+    r"reduce-scatter)(?:-start)?\((?:.*?op_name=\"([^\"]*)\")?")
 _DTYPE_BYTES = {"f32": 4, "s32": 4, "bf16": 2, "f16": 2, "pred": 1, "u32": 4}
 LAYOUTS = ("data_parallel", "fsdp_leaves", "fsdp_stacked_rows",
            "fsdp_stacked_layers")
@@ -87,6 +87,8 @@ LAYOUTS = ("data_parallel", "fsdp_leaves", "fsdp_stacked_rows",
 
 def _stage(op_name: str, shapes) -> str:
   """Which part of the update a collective serves, from its op name."""
+  if not op_name:
+    return "no op name (inserted by the partitioner)"
   if all(s.endswith("[]") for s in shapes):
     return "scalars (root diagnostics, finiteness, graft norms)"
   if "shard_map/while" in op_name:

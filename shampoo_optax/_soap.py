@@ -202,6 +202,29 @@ def _rotate(plan, family: int, x: jax.Array, matrices, specs) -> jax.Array:
   return _blocks.assemble(out, fam.pieces)
 
 
+def _permute(plan, family: int, x: jax.Array, orders, specs) -> jax.Array:
+  """``x`` ``[units, *shape]`` with each block's axes reordered.
+
+  Axis ``i`` of each block takes the order ``orders[index]`` (``[n, *grid,
+  d]``, ``index`` the factor): ``y[j] = x[order[j]]``.
+  """
+  fam = plan.families[family]
+  out = []
+  for p, piece in enumerate(fam.pieces):
+    block = _blocks.blocks_of(x, piece)
+    for index, factor in plan.factors_of(family):
+      if factor.piece == p:
+        nbatch = len(factor.batch_shape)
+        axis = nbatch + factor.axis
+        order = jnp.expand_dims(orders[index], tuple(
+            nbatch + a for a in range(len(piece.block)) if a != factor.axis))
+        block = _sharding.constrain(jnp.take_along_axis(
+            block, jnp.broadcast_to(order, block.shape), axis=axis),
+                                    specs[index])
+    out.append(block)
+  return _blocks.assemble(out, fam.pieces)
+
+
 def scale_by_soap(
     block_size: int = 128,
     b1: float = 0.95,
@@ -382,13 +405,17 @@ def scale_by_soap(
         plan, stats, bases, finite & first, specs, method="eigh")
     bases, orders, rejected = _refresh_bases(
         plan, stats, bases, refresh_now, specs, method="qr")
-    # V's entries follow their basis vectors through the sort.
+    # V's entries follow their basis vectors through the sort. Only a
+    # refresh sorts: the cond spares every other step the gathers, and
+    # yields zeros (selected below) rather than passing V through, which
+    # would copy it.
     for f, fam in enumerate(plan.families):
       if fam.preconditioned:
-        nus[f] = _rotate(
-            plan, f, nus[f], specs=specs,
-            matrices=lambda i: jax.nn.one_hot(orders[i], plan.factors[i].dim,
-                                              dtype=jnp.float32))
+        permuted = jax.lax.cond(
+            refresh_now,
+            functools.partial(_permute, plan, f, specs=specs),
+            lambda nu, _: jnp.zeros_like(nu), nus[f], orders)
+        nus[f] = jnp.where(refresh_now, permuted, nus[f])
 
     keep = lambda new, old: tuple(
         jnp.where(finite, n, o).astype(o.dtype) for n, o in zip(new, old))

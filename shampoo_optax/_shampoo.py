@@ -685,12 +685,17 @@ def scale_by_shampoo(
           " init with this transformation, or build it with the options the"
           " state was made with.")
 
-  def update_core(leaves, state, floats, plan, specs):
+  def update_core(leaves, state, floats, plan, specs, family_specs):
     floats = _Floats(*(jnp.asarray(x, jnp.float32) for x in floats))
     count = state.count
     step = optax.safe_increment(count)
-    stacked = [plan.stack([g.astype(jnp.float32) for g in leaves], f)
-               for f in range(len(plan.families))]
+    # Under explicit sharding the families are pinned like their leaves, so
+    # that only the preconditioned blocks move (a data-parallel update is
+    # gathered once, an aligned FSDP one not at all).
+    pin = lambda xs: xs if family_specs is None else [
+        _sharding.pin(x, spec) for x, spec in zip(xs, family_specs)]
+    stacked = pin([plan.stack([g.astype(jnp.float32) for g in leaves], f)
+                   for f in range(len(plan.families))])
     finite = _all_finite(stacked) if skip_nonfinite else jnp.array(True)
     # Non-finite values reach only results that are discarded below.
 
@@ -723,6 +728,9 @@ def scale_by_shampoo(
                       for f, fam in enumerate(plan.families)
                       if fam.preconditioned},
         blocks, roots)
+    if family_specs is not None:
+      preconditioned = {f: _sharding.pin(d, family_specs[f])
+                        for f, d in preconditioned.items()}
 
     # Without skip_nonfinite, `finite` is a constant True and the selects
     # below fold away.
@@ -746,7 +754,7 @@ def scale_by_shampoo(
     # barrier makes XLA compute the families once instead of copying their
     # whole elementwise expression into every leaf's slice (compile time).
     directions = jax.lax.optimization_barrier(
-        [jnp.where(finite, d, 0.0) for d in directions])
+        pin([jnp.where(finite, d, 0.0) for d in directions]))
     updates = [
         d.astype(g.dtype) for d, g in zip(
             plan.unstack_tree(directions), leaves)]
@@ -786,16 +794,21 @@ def scale_by_shampoo(
           f" transformation's init, got {type(state).__name__}.")
     plan, paths, leaves, treedef = plan_for(updates)
     check_state(plan, paths, leaves, treedef, state)
+    family_specs = None
     if _sharding.explicit_axes_in_context():
       # The split chosen at init is in the state's types.
       specs = [_sharding.leaf_spec(s)[:len(f.batch_shape)]
                for s, f in zip(state.stats, plan.factors)]
+      leaf_specs = [_sharding.leaf_spec(x) for x in leaves]
+      family_specs = [_sharding.family_spec(plan, f, leaf_specs)
+                      for f in range(len(plan.families))]
     else:
       specs = _sharding.factor_batch_specs(
           plan, [(None,) * x.ndim for x in leaves], shard_axes)
     # The float options are arguments, not closed over: under explicit
     # sharding they must cross into `in_auto_mode` like every traced value.
-    core = functools.partial(update_core, plan=plan, specs=specs)
+    core = functools.partial(update_core, plan=plan, specs=specs,
+                             family_specs=family_specs)
     new_leaves, new_state = _sharding.in_auto_mode(core)(leaves, state, floats)
     return jax.tree.unflatten(treedef, new_leaves), new_state
 

@@ -150,20 +150,24 @@ def factor_batch_specs(plan, leaf_specs, shard_axes) -> list[tuple]:
   for factor in plan.factors:
     family = plan.families[factor.family]
     piece = family.pieces[factor.piece]
-    batch = [None] * len(factor.batch_shape)
-    if len(family.members) == 1:
-      member = family.members[0]
+    # Each member's wish for every batch axis; an axis follows the members
+    # only where they all agree (the units of several leaves never do).
+    wishes = []
+    for member in family.members:
       spec = leaf_specs[member.leaf]
       layer = [spec[a] for a in member.layer_axes]
-      if layer and layer[0] is not None and not any(layer[1:]):
-        batch[0] = layer[0]
+      wish = [layer[0] if len(family.members) == 1 and layer
+              and not any(layer[1:]) else None]
       for axis, leaf_axes in enumerate(member.merged_from):
         entry = spec[leaf_axes[0]]
         whole = piece.grid[axis] * piece.block[axis] == family.shape[axis]
-        if (entry is not None and whole
-            and not any(spec[a] for a in leaf_axes[1:])
-            and piece.grid[axis] % size(_names(entry)) == 0):
-          batch[1 + axis] = entry
+        aligned = (entry is not None and whole
+                   and not any(spec[a] for a in leaf_axes[1:])
+                   and piece.grid[axis] % size(_names(entry)) == 0)
+        wish.append(entry if aligned else None)
+      wishes.append(wish)
+    batch = [w if all(other[i] == w for other in wishes) else None
+             for i, w in enumerate(wishes[0])]
     used = {a for e in batch for a in _names(e)}
     rest = [a for a in axis_names(shard_axes) if a not in used]
     if rest:
@@ -196,6 +200,11 @@ def family_spec(plan, family: int, leaf_specs) -> tuple[AxisEntry, ...]:
   first = per_member[0]
   return tuple(e if all(p[i] == e for p in per_member) else None
                for i, e in enumerate(first))
+
+
+def pin(x: jax.Array, spec: Sequence[AxisEntry]) -> jax.Array:
+  """Pins ``x`` to ``spec`` inside the update, whole axes included."""
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def is_sharded(batch_specs) -> bool:

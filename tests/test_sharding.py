@@ -368,3 +368,18 @@ def test_flax_training_under_three_usage_patterns(capsys):
   # Same data, same initialization: the three patterns agree.
   assert_close(results["fsdp"][0], results["explicit"][0], rtol=1e-5)
   assert_close(results["pjit"][0], results["explicit"][0], rtol=1e-5)
+
+
+def test_explicit_data_parallel_gathers_only_the_update():
+  tx = shampoo_optax.scale_by_shampoo(**OPTIONS, shard_axes="data")
+  with jax.set_mesh(mesh_of(8)):
+    params = {k: jax.sharding.reshard(v, P()) for k, v in make_params().items()}
+    state = jax.jit(tx.init)(params)
+    hlo = jax.jit(tx.update).lower(params, state).compile().as_text()
+  collectives = _collectives(hlo)
+  # The blocks of the split factors (layers, w1) are preconditioned where
+  # their factors live, then gathered once; w2's factors are whole.
+  assert {op for op, _ in collectives} <= {"all-gather", "all-reduce"}
+  assert sum(b for op, b in collectives if op == "all-gather") <= (
+      _param_bytes(("layers", "w1"))), collectives
+  assert all(b <= 4 * 8 for op, b in collectives if op == "all-reduce")

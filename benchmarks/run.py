@@ -64,13 +64,13 @@ OPTIMIZERS = ("adamw", "shampoo", "reference")
 CHOICES = OPTIMIZERS + _peers.PEERS
 
 # What the main thread is doing, for the watchdog: (description, start time,
-# (workload, optimizer) when the optimizer is a peer, else None).
+# (workload, optimizer, detail) when the optimizer is a peer, else None).
 _CURRENT: list = [None, 0.0, None]
 
 
-def _busy(what: str, workload: str, name: str):
-  _CURRENT[:] = [what, time.perf_counter(),
-                 (workload, name) if name in _peers.PEERS else None]
+def _busy(workload: str, name: str, detail: str):
+  _CURRENT[:] = [f"{workload} {name} {detail}", time.perf_counter(),
+                 (workload, name, detail) if name in _peers.PEERS else None]
 
 
 def _idle():
@@ -95,9 +95,10 @@ def _watchdog(limit_seconds: float, peer_limit_seconds: float, on_peer_stall):
           and time.perf_counter() - since > peer_limit_seconds):
         print(f"[watchdog] {what}: no progress for "
               f"{time.perf_counter() - since:.0f}s; stacks:", flush=True)
-        faulthandler.dump_traceback(file=sys.stdout, all_threads=False)
+        faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
         sys.stdout.flush()
-        on_peer_stall(*peer, f"stalled: {what} made no progress for "
+        workload, name, detail = peer
+        on_peer_stall(workload, name, f"stalled at {detail}: no progress in "
                       f"{peer_limit_seconds:.0f}s (--peer-timeout)")
       if what is not None and time.perf_counter() - since > limit_seconds:
         if reported != (what, since):
@@ -318,9 +319,8 @@ class Run:
       if self.done:
         return
       batch = next(self.batches)
-      _busy(f"{w.name} {self.trainer.name} lr={self.lr:g} "
-            f"seed={self.seed} step={self.step + 1}", w.name,
-            self.trainer.name)
+      _busy(w.name, self.trainer.name,
+            f"lr={self.lr:g} seed={self.seed} step={self.step + 1}")
       t0 = time.perf_counter()
       params, state, loss = self.trainer(self.params, self.state, batch,
                                          self.lr)
@@ -431,8 +431,7 @@ def time_interleaved(workload, trainers: dict[str, Trainer], lrs, rounds: int,
     p = workload.init_params(0)
     s = tr.init(p)
     for i in range(warm):
-      _busy(f"{workload.name} {n} timing warmup step {i + 1}", workload.name,
-            n)
+      _busy(workload.name, n, f"timing warmup step {i + 1}")
       p, s, _ = tr(p, s, batches[i % cycle], lrs[n])
       jax.block_until_ready((p, s))
     _idle()
@@ -442,7 +441,7 @@ def time_interleaved(workload, trainers: dict[str, Trainer], lrs, rounds: int,
     for n, tr in trainers.items():
       p, s, c = state[n]
       for i in range(cycle):
-        _busy(f"{workload.name} {n} timing step {c + 1}", workload.name, n)
+        _busy(workload.name, n, f"timing step {c + 1}")
         t0 = time.perf_counter()
         p, s, loss = tr(p, s, batches[i], lrs[n])
         jax.block_until_ready((p, s, loss))
@@ -706,7 +705,7 @@ def run_workload(w, names, options, lrs_override, n_seeds, timing_rounds,
     if name in failed:
       print(f"[{w.name}] {name}: {failed[name]}", flush=True)
       continue
-    _busy(f"{w.name} {name} init and compile", w.name, name)
+    _busy(w.name, name, "init and compile")
     try:
       tr = Trainer(w, name, options[name])
       p = w.init_params(0)

@@ -105,7 +105,7 @@ def _watchdog(limit_seconds: float, peer_limit_seconds: float, on_peer_stall):
           reported = (what, since)
           print(f"[watchdog] {what} has run for "
                 f"{time.perf_counter() - since:.0f}s; stacks:", flush=True)
-          faulthandler.dump_traceback(file=sys.stdout, all_threads=False)
+          faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
           sys.stdout.flush()
         if time.perf_counter() - since > 3 * limit_seconds:
           print(f"[watchdog] {what}: no progress for "

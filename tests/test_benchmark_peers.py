@@ -81,3 +81,46 @@ def test_import_shim_restores_partition_spec():
   before = "__class_getitem__" in vars(spec)
   _peers.import_distributed_kron()
   assert ("__class_getitem__" in vars(spec)) == before
+
+
+def _tiny_workload():
+  from benchmarks import workloads  # pylint: disable=import-outside-toplevel
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 4)),
+                  jnp.float32)
+
+  def loss_fn(params, batch):
+    return jnp.mean((batch @ params["w"]) ** 2)
+
+  def batches(seed):
+    del seed
+    while True:
+      yield x
+
+  return workloads.Workload(
+      name="tiny", init_params=lambda seed: {"w": jnp.ones((4, 3))},
+      loss_fn=loss_fn, batches=batches,
+      eval_fn=lambda params: {"loss": float(loss_fn(params, x))},
+      metric="loss", higher_is_better=False, targets=(0.1,), steps=2,
+      eval_every=1, lrs={"adamw": (1e-3,)})
+
+
+def test_failed_peer_is_a_result_row(monkeypatch):
+  from benchmarks import run  # pylint: disable=import-outside-toplevel
+
+  def broken(name, *args):
+    raise RuntimeError(f"{name} cannot run here")
+
+  monkeypatch.setattr(run._peers, "make", broken)
+  w = _tiny_workload()
+  names = ["adamw", "kron", "pro"]
+  _, _, summary = run.run_workload(
+      w, names, {n: {} for n in names}, {}, n_seeds=1, timing_rounds=0,
+      failed={"kron": "stalled at lr=0.001 seed=0 step=1"})
+  assert list(summary) == names
+  assert "best_lr" in summary["adamw"]
+  assert summary["kron"] == {"failed": "stalled at lr=0.001 seed=0 step=1"}
+  assert summary["pro"] == {"failed": "RuntimeError: pro cannot run here"}
+  tab = run.table(w, summary)
+  assert "| pro " in tab and "failed: RuntimeError: pro cannot run here" in tab
+  assert "failed: stalled at lr=0.001" in tab

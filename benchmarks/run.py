@@ -866,6 +866,9 @@ def main(argv=None):
     os.execv(sys.executable, [sys.executable, "-m", "benchmarks.run"]
              + [a for a in argv_list if a != "--resume"] + ["--resume"])
 
+  # Written before any workload runs, so that a restart (peer stall) finds
+  # when the run started even if no workload has finished.
+  _write(out_dir, meta, results, tables, n_seeds, t_all)
   _watchdog(args.watchdog, args.peer_timeout, on_peer_stall)
   for wname in args.workloads:
     if wname in results:

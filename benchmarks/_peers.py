@@ -32,9 +32,9 @@ def import_distributed_kron():
   Its signatures annotate ``PartitionSpec[str, str]``, evaluated when the
   module is imported, and recent jax's ``jax.sharding.PartitionSpec``
   (``jax.P``, jax 0.10 here) is not subscriptable: the import raises
-  ``TypeError``. The annotation is
-  never used at run time: subscripting is allowed for the duration of the
-  import only, then ``PartitionSpec`` is restored as it was.
+  ``TypeError``. The annotation is never used at run time, so subscripting
+  is allowed for the duration of the import only, then ``PartitionSpec`` is
+  restored as it was.
   """
   spec = jax.sharding.PartitionSpec
   patched = "__class_getitem__" not in vars(spec)

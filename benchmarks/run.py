@@ -1,7 +1,8 @@
 """Time-to-target benchmark: AdamW vs shampoo_optax.shampoo vs the reference.
 
     python -m benchmarks.run [--quick] [--workloads fmnist_mlp char_lm ...]
-        [--seeds 3] [--reference-path PATH] [--out benchmarks/results]
+        [--optimizers adamw shampoo reference muon kron pro] [--seeds 3]
+        [--reference-path PATH] [--out benchmarks/results] [--resume]
 
 Protocol (see benchmarks/README.md):
 
@@ -18,6 +19,13 @@ Protocol (see benchmarks/README.md):
    the slow phase of the cycle. Ratios to AdamW are reported for normal
    steps, refresh steps and the amortized mean.
 
+The peers (``muon``, ``kron``, ``pro``; see ``benchmarks/_peers.py``) follow
+the same protocol. A peer that cannot be built or compiled for a workload, or
+whose step or compilation makes no progress for ``--peer-timeout`` seconds,
+gets a ``failed: <reason>`` row; a stalled step cannot be interrupted, so the
+run then restarts itself with ``--resume`` (finished workloads are kept, the
+current one is rerun without that peer).
+
 Wall-clock seconds are training seconds (each step is blocked on), excluding
 compilation and evaluation; compile time is reported separately. Results go
 to ``<out>/<quick|full>/``: ``results.json`` (everything, with curves),
@@ -30,6 +38,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import importlib.metadata
 import inspect
 import json
 import math
@@ -46,31 +55,57 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import _peers
 from benchmarks import _reference
 from benchmarks import workloads as workloads_lib
 
+# The default selection; the peers run when asked for with --optimizers.
 OPTIMIZERS = ("adamw", "shampoo", "reference")
+CHOICES = OPTIMIZERS + _peers.PEERS
 
-# What the main thread is doing, for the watchdog: (description, start time).
-_CURRENT: list = [None, 0.0]
+# What the main thread is doing, for the watchdog: (description, start time,
+# (workload, optimizer, detail) when the optimizer is a peer, else None).
+_CURRENT: list = [None, 0.0, None]
 
 
-def _watchdog(limit_seconds: float):
-  """Reports (once per stall) a step that runs longer than ``limit_seconds``."""
+def _busy(workload: str, name: str, detail: str):
+  _CURRENT[:] = [f"{workload} {name} {detail}", time.perf_counter(),
+                 (workload, name, detail) if name in _peers.PEERS else None]
+
+
+def _idle():
+  _CURRENT[0] = None
+
+
+def _watchdog(limit_seconds: float, peer_limit_seconds: float, on_peer_stall):
+  """Reports (once per stall) a step that runs longer than ``limit_seconds``.
+
+  A peer's step or compilation that runs longer than ``peer_limit_seconds``
+  calls ``on_peer_stall(workload, optimizer, reason)``, which does not return.
+  """
   import faulthandler  # pylint: disable=import-outside-toplevel
   import threading  # pylint: disable=import-outside-toplevel
 
   def loop():
     reported = None
     while True:
-      time.sleep(min(30.0, limit_seconds / 4))
-      what, since = _CURRENT
+      time.sleep(min(30.0, limit_seconds / 4, peer_limit_seconds / 4))
+      what, since, peer = _CURRENT
+      if (what is not None and peer is not None
+          and time.perf_counter() - since > peer_limit_seconds):
+        print(f"[watchdog] {what}: no progress for "
+              f"{time.perf_counter() - since:.0f}s; stacks:", flush=True)
+        faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
+        sys.stdout.flush()
+        workload, name, detail = peer
+        on_peer_stall(workload, name, f"stalled at {detail}: no progress in "
+                      f"{peer_limit_seconds:.0f}s (--peer-timeout)")
       if what is not None and time.perf_counter() - since > limit_seconds:
         if reported != (what, since):
           reported = (what, since)
           print(f"[watchdog] {what} has run for "
                 f"{time.perf_counter() - since:.0f}s; stacks:", flush=True)
-          faulthandler.dump_traceback(file=sys.stdout, all_threads=False)
+          faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
           sys.stdout.flush()
         if time.perf_counter() - since > 3 * limit_seconds:
           print(f"[watchdog] {what}: no progress for "
@@ -103,6 +138,11 @@ def machine_info() -> dict[str, Any]:
     except Exception:  # pylint: disable=broad-except
       versions[mod] = None
   try:
+    versions["distributed_kron"] = importlib.metadata.version(
+        "distributed-kron")
+  except importlib.metadata.PackageNotFoundError:
+    versions["distributed_kron"] = None
+  try:
     import shampoo_optax  # pylint: disable=import-outside-toplevel
     versions["shampoo_optax"] = shampoo_optax.__version__
   except Exception:  # pylint: disable=broad-except
@@ -118,6 +158,7 @@ def machine_info() -> dict[str, Any]:
       platform=platform.platform(),
       load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
       openblas_num_threads=os.environ.get("OPENBLAS_NUM_THREADS"),
+      pjrt_nproc=os.environ.get("PJRT_NPROC"),
       xla_flags=os.environ.get("XLA_FLAGS"),
       **{f"{k}_version": v for k, v in versions.items()},
   )
@@ -171,8 +212,8 @@ def shampoo_defaults() -> dict[str, Any]:
 
 
 def precondition_every(name: str, options: dict[str, Any]) -> int:
-  """The refresh period of an optimizer (1 for AdamW)."""
-  if name == "adamw":
+  """The refresh period of an optimizer (1 for AdamW and the peers)."""
+  if name == "adamw" or name in _peers.PEERS:
     return 1
   if "precondition_every" in options:
     return int(options["precondition_every"])
@@ -193,6 +234,8 @@ def make_optimizer(name: str, learning_rate, weight_decay: float,
   if name == "reference":
     return _reference.reference_optimizer(
         learning_rate, weight_decay=weight_decay, **options)
+  if name in _peers.PEERS:
+    return _peers.make(name, learning_rate, weight_decay, options)
   raise ValueError(name)
 
 
@@ -276,14 +319,14 @@ class Run:
       if self.done:
         return
       batch = next(self.batches)
+      _busy(w.name, self.trainer.name,
+            f"lr={self.lr:g} seed={self.seed} step={self.step + 1}")
       t0 = time.perf_counter()
-      _CURRENT[:] = [f"{w.name} {self.trainer.name} lr={self.lr:g} "
-                     f"seed={self.seed} step={self.step + 1}", t0]
       params, state, loss = self.trainer(self.params, self.state, batch,
                                          self.lr)
       jax.block_until_ready((params, state, loss))
       dt = time.perf_counter() - t0
-      _CURRENT[0] = None
+      _idle()
       self.params, self.state = params, state
       self.step += 1
       self.train_seconds += dt
@@ -388,18 +431,22 @@ def time_interleaved(workload, trainers: dict[str, Trainer], lrs, rounds: int,
     p = workload.init_params(0)
     s = tr.init(p)
     for i in range(warm):
+      _busy(workload.name, n, f"timing warmup step {i + 1}")
       p, s, _ = tr(p, s, batches[i % cycle], lrs[n])
-    jax.block_until_ready((p, s))
+      jax.block_until_ready((p, s))
+    _idle()
     state[n] = (p, s, warm)
   times = {n: [] for n in trainers}      # (count before step, seconds)
   for _ in range(rounds):
     for n, tr in trainers.items():
       p, s, c = state[n]
       for i in range(cycle):
+        _busy(workload.name, n, f"timing step {c + 1}")
         t0 = time.perf_counter()
         p, s, loss = tr(p, s, batches[i], lrs[n])
         jax.block_until_ready((p, s, loss))
         times[n].append((c, time.perf_counter() - t0))
+        _idle()
         c += 1
       state[n] = (p, s, c)
   out = {}
@@ -451,6 +498,7 @@ def _stats(values):
 
 def summarize(workload, sweep: dict[str, list[Run]],
               seeds: dict[str, list[Run]], timing, trainers) -> dict[str, Any]:
+  """One entry per optimizer that ran (see ``run_workload`` for failures)."""
   out = {}
   for name, runs in sweep.items():
     best = sorted(runs, key=_rank_key)[0]
@@ -497,6 +545,11 @@ def table(workload, summary) -> str:
              "compile s", "state/param bytes"])
   rows = [head]
   for name, e in summary.items():
+    if "failed" in e:
+      reason = " ".join(e["failed"].replace("|", "/").split())
+      reason = reason if len(reason) <= 120 else reason[:117] + "..."
+      rows.append([name, f"failed: {reason}"] + ["--"] * (len(head) - 2))
+      continue
     tm = e.get("timing") or {}
     ratio = "--"
     if "ratio_normal" in tm:
@@ -524,7 +577,8 @@ def plot(workload, sweep, seeds, summary, path):
 
   fig, axes = plt.subplots(2, 2, figsize=(12, 8))
   colors = {"adamw": "tab:blue", "shampoo": "tab:red",
-            "reference": "tab:green"}
+            "reference": "tab:green", "muon": "tab:purple",
+            "kron": "tab:orange", "pro": "tab:brown"}
   for name, runs in sweep.items():
     best_lr = summary[name]["best_lr"]
     head = [r for r in runs if r.lr == best_lr][:1] + seeds.get(name, [])
@@ -583,6 +637,9 @@ def write_csvs(out_dir, all_results):
   srows = []
   for wname, res in all_results.items():
     for name, e in res["summary"].items():
+      if "failed" in e:
+        srows.append(dict(workload=wname, optimizer=name, failed=e["failed"]))
+        continue
       for r in e["sweep"]:
         rows.append(dict(r, phase="sweep"))
       for r in res["seed_runs"].get(name, []):
@@ -625,16 +682,45 @@ def _json_default(o):
 # ---------------------------------------------------------------------------
 
 
-def run_workload(w, names, options, lrs_override, n_seeds, timing_rounds):
+def _failure(e: Exception) -> str:
+  if isinstance(e, ImportError):
+    return f"not installed ({e}); pip install -e '.[peers]'"
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def run_workload(w, names, options, lrs_override, n_seeds, timing_rounds,
+                 failed):
+  """Runs the protocol for ``names``, except the peers in ``failed``.
+
+  ``failed`` maps a peer to why it cannot run ``w`` (a stall recorded by an
+  earlier attempt); a peer that raises while being built or compiled is added
+  to it. The summary has a ``{"failed": reason}`` entry for each.
+  """
+  failed = dict(failed)
   trainers = {}
   sweep = {}
   lrs = {}
   for name in names:
-    tr = Trainer(w, name, options[name])
-    p = w.init_params(0)
-    s = tr.init(p)
-    batch = next(w.batches(0))
-    secs = tr.compile(p, s, batch)
+    if name in failed:
+      print(f"[{w.name}] {name}: {failed[name]}", flush=True)
+      continue
+    _busy(w.name, name, "init and compile")
+    try:
+      tr = Trainer(w, name, options[name])
+      p = w.init_params(0)
+      s = tr.init(p)
+      batch = next(w.batches(0))
+      secs = tr.compile(p, s, batch)
+    except Exception as e:  # pylint: disable=broad-except
+      if name not in _peers.PEERS:
+        raise
+      traceback.print_exc()
+      failed[name] = _failure(e)
+      print(f"[{w.name}] {name}: failed: {failed[name]}", flush=True)
+      continue
+    finally:
+      _idle()
     print(f"[{w.name}] {name}: compiled in {secs:.1f}s, state "
           f"{tree_bytes(s) / tree_bytes(p):.2f}x param bytes", flush=True)
     trainers[name] = tr
@@ -647,7 +733,7 @@ def run_workload(w, names, options, lrs_override, n_seeds, timing_rounds):
   train_round_robin(runs, "sweep")
   best = {n: sorted(rs, key=_rank_key)[0] for n, rs in sweep.items()}
   seeds = {n: [Run(trainers[n], best[n].lr, s) for s in range(1, n_seeds)]
-           for n in names}
+           for n in trainers}
   seed_runs = [r for rs in seeds.values() for r in rs]
   for r in seed_runs:
     r.start()
@@ -656,9 +742,10 @@ def run_workload(w, names, options, lrs_override, n_seeds, timing_rounds):
   if timing_rounds > 0:
     print(f"[{w.name}] interleaved step timing ({timing_rounds} rounds)",
           flush=True)
-    timing = time_interleaved(w, trainers, {n: best[n].lr for n in names},
+    timing = time_interleaved(w, trainers, {n: best[n].lr for n in trainers},
                               timing_rounds, options)
-  summary = summarize(w, sweep, seeds, timing, trainers)
+  ran = summarize(w, sweep, seeds, timing, trainers)
+  summary = {n: ran[n] if n in ran else dict(failed=failed[n]) for n in names}
   return sweep, seeds, summary
 
 
@@ -670,7 +757,9 @@ def main(argv=None):
                   default=list(workloads_lib.WORKLOADS),
                   choices=list(workloads_lib.WORKLOADS))
   ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
-                  choices=OPTIMIZERS)
+                  choices=CHOICES,
+                  help="default: %(default)s; the peers muon, kron and pro "
+                       "(benchmarks/_peers.py) run when listed here")
   ap.add_argument("--seeds", type=int, default=None,
                   help="seeds for the best setting (default 3; 1 with --quick)")
   ap.add_argument("--steps", type=int, default=None,
@@ -691,13 +780,24 @@ def main(argv=None):
   ap.add_argument("--lrs", default="{}",
                   help='JSON {"adamw": [..], "shampoo": [..], ...} overriding '
                        "the per-workload sweeps")
+  ap.add_argument("--peer-options", default="{}",
+                  help='JSON {"muon": {..}, "kron": {..}, "pro": {..}} of '
+                       "keyword options for the peers")
   ap.add_argument("--watchdog", type=float, default=600.0,
                   help="report a single step running longer than this (s)")
+  ap.add_argument("--peer-timeout", type=float, default=300.0,
+                  help="a peer whose step or compilation runs longer than "
+                       "this (s) fails on that workload: the run restarts "
+                       "itself with --resume without it")
+  ap.add_argument("--resume", action="store_true",
+                  help="keep the workloads already in <out>/<tag>/"
+                       "results.json, and the peers recorded as stalled in "
+                       "peer_failures.json there; run the other workloads")
   ap.add_argument("--timing-rounds", type=int, default=None,
                   help="interleaved timing rounds (default 8; 3 with --quick)")
   args = ap.parse_args(argv)
+  argv_list = sys.argv[1:] if argv is None else list(argv)
 
-  _watchdog(args.watchdog)
   n_seeds = args.seeds or (1 if args.quick else 3)
   timing_rounds = (args.timing_rounds if args.timing_rounds is not None
                    else (3 if args.quick else 8))
@@ -716,14 +816,17 @@ def main(argv=None):
       names.remove("reference")
     else:
       _reference.load_reference(args.reference_path)
+  peer_options = json.loads(args.peer_options)
   options = {"adamw": {}, "shampoo": shampoo_options,
-             "reference": reference_options}
+             "reference": reference_options,
+             **{p: peer_options.get(p, {}) for p in _peers.PEERS}}
 
   tag = args.tag or ("quick" if args.quick else "full")
   out_dir = os.path.join(args.out, tag)
   os.makedirs(out_dir, exist_ok=True)
+  now = datetime.datetime.now(datetime.timezone.utc)
   meta = dict(
-      started=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      started=now.isoformat(),
       argv=sys.argv if argv is None else argv,
       git=git_info(), machine=machine_info(), optimizers=names,
       n_seeds=n_seeds, options=options,
@@ -734,7 +837,42 @@ def main(argv=None):
   results = {}
   tables = []
   t_all = time.perf_counter()
+  failures_path = os.path.join(out_dir, "peer_failures.json")
+  failures = {}       # workload -> {peer: why it stalled}
+  results_path = os.path.join(out_dir, "results.json")
+  if args.resume and os.path.exists(results_path):
+    with open(results_path) as f:
+      prev = json.load(f)
+    results = {k: v for k, v in prev["workloads"].items()
+               if k in args.workloads and "summary" in v and "table" in v}
+    tables = [results[k]["table"] for k in args.workloads if k in results]
+    started = datetime.datetime.fromisoformat(prev["meta"]["started"])
+    meta["started"] = prev["meta"]["started"]
+    meta["restarts"] = prev["meta"].get("restarts", []) + [now.isoformat()]
+    t_all -= (now - started).total_seconds()
+    print(f"[run] resuming: kept {sorted(results)}", flush=True)
+  if args.resume and os.path.exists(failures_path):
+    with open(failures_path) as f:
+      failures = json.load(f)
+  elif os.path.exists(failures_path):
+    os.remove(failures_path)
+
+  def on_peer_stall(workload, name, reason):
+    failures.setdefault(workload, {})[name] = reason
+    with open(failures_path, "w") as f:
+      json.dump(failures, f, indent=1)
+    print(f"[run] {workload} {name}: {reason}; restarting with --resume",
+          flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.run"]
+             + [a for a in argv_list if a != "--resume"] + ["--resume"])
+
+  # Written before any workload runs, so that a restart (peer stall) finds
+  # when the run started even if no workload has finished.
+  _write(out_dir, meta, results, tables, n_seeds, t_all)
+  _watchdog(args.watchdog, args.peer_timeout, on_peer_stall)
   for wname in args.workloads:
+    if wname in results:
+      continue
     kw = {}
     if wname.startswith("fmnist"):
       kw["data_path"] = args.fmnist_path
@@ -744,7 +882,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     try:
       sweep, seeds, summary = run_workload(w, names, options, lrs_override,
-                                           n_seeds, timing_rounds)
+                                           n_seeds, timing_rounds,
+                                           failures.get(wname, {}))
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
       results[wname] = dict(error=traceback.format_exc())
@@ -758,7 +897,7 @@ def main(argv=None):
         description=w.description, steps=w.steps, metric=w.metric,
         targets=list(w.targets), eval_every=w.eval_every,
         weight_decay=w.weight_decay, elapsed_seconds=elapsed,
-        summary=summary,
+        summary=summary, table=tables[-1],
         curves={n: [r.record() for r in rs] for n, rs in sweep.items()},
         seed_runs={n: [r.summary() for r in rs] for n, rs in seeds.items()},
         seed_curves={n: [r.record() for r in rs] for n, rs in seeds.items()})

@@ -67,6 +67,18 @@ def schedule(peak_lr: float, steps: int, warmup_fraction: float = 0.05):
       decay_steps=max(steps, warmup + 1), end_value=0.01 * peak_lr)
 
 
+def _lrs(adamw, kron) -> dict[str, tuple[float, ...]]:
+  """Every optimizer's sweep (README: protocol).
+
+  Shampoo and the peers documented to train at Adam's learning rate (Muon
+  with ``consistent_rms=0.2``, PRO) get AdamW's; Kron, for which
+  distributed-kron's docs recommend starting about 3x below Adam's (its
+  default is 3e-4), gets the same log-spaced grid one point lower.
+  """
+  return {"adamw": adamw, "shampoo": adamw, "muon": adamw, "pro": adamw,
+          "kron": kron}
+
+
 # ---------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------
@@ -223,7 +235,7 @@ def fmnist_mlp(quick=False, data_path=None, synthetic=False, steps=None):
       "fmnist_mlp", MLP((512, 512)), data, batch_size=256, steps=steps,
       eval_every=25 if quick else 50,
       targets=(0.85, 0.87) if quick else (0.85, 0.88),
-      lrs={"adamw": (3e-4, 1e-3, 3e-3), "shampoo": (3e-4, 1e-3, 3e-3)},
+      lrs=_lrs(adamw=(3e-4, 1e-3, 3e-3), kron=(1e-4, 3e-4, 1e-3)),
       description="Fashion-MNIST MLP 784-512-512-10, batch 256, test accuracy")
 
 
@@ -234,7 +246,7 @@ def fmnist_cnn(quick=False, data_path=None, synthetic=False, steps=None):
       "fmnist_cnn", CNN(), data, batch_size=128, steps=steps,
       eval_every=25 if quick else 50,
       targets=(0.84, 0.86) if quick else (0.88, 0.90),
-      lrs={"adamw": (3e-4, 1e-3, 3e-3), "shampoo": (3e-4, 1e-3, 3e-3)},
+      lrs=_lrs(adamw=(3e-4, 1e-3, 3e-3), kron=(1e-4, 3e-4, 1e-3)),
       description="Fashion-MNIST CNN conv16-pool-conv32-pool-128-10, batch 128,"
                   " test accuracy")
 
@@ -306,7 +318,7 @@ def char_lm(quick=False, data_path=None, synthetic=False, steps=None,
       higher_is_better=False,
       targets=(2.5, 2.4) if quick else (2.2, 2.0), steps=steps,
       eval_every=25 if quick else 50, weight_decay=1e-4,
-      lrs={"adamw": (1e-3, 3e-3, 1e-2), "shampoo": (1e-3, 3e-3, 1e-2)},
+      lrs=_lrs(adamw=(1e-3, 3e-3, 1e-2), kron=(3e-4, 1e-3, 3e-3)),
       description=f"char Transformer LM on Shakespeare: {num_layers} layers, "
                   f"d_model {d_model}, {num_heads} heads, context {context}, "
                   f"batch {batch_size}, vocab {vocab}; val loss on the last "

@@ -138,14 +138,15 @@ def _is_traced(value) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
-def _static_int(name: str, value, minimum: int, allow_none: bool = False):
+def _static_int(name: str, value, minimum: int, allow_none: bool = False,
+                static_options: str = "STATIC_OPTIONS"):
   if value is None and allow_none:
     return None
   if _is_traced(value):
     raise TypeError(
         f"{name} must be a static Python int, got a traced value; with"
         " optax.inject_hyperparams pass"
-        " static_args=shampoo_optax.STATIC_OPTIONS."
+        f" static_args=shampoo_optax.{static_options}."
     )
   if isinstance(value, (bool, np.bool_)) or not (
       isinstance(value, (int, np.integer))
@@ -200,7 +201,7 @@ def _check_dtype(name: str, value):
   return dtype
 
 
-def _as_leaves(tree, what: str):
+def _as_leaves(tree, what: str, transform: str = "scale_by_shampoo"):
   """Flattens ``tree``; Python and NumPy scalars become arrays."""
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
   leaves = []
@@ -209,8 +210,8 @@ def _as_leaves(tree, what: str):
       leaf = jnp.asarray(leaf)
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise TypeError(
-          f"scale_by_shampoo: {what} {jax.tree_util.keystr(path)} has dtype"
-          f" {leaf.dtype}; Shampoo needs real floating-point {what}s"
+          f"{transform}: {what} {jax.tree_util.keystr(path)} has dtype"
+          f" {leaf.dtype}; it needs real floating-point {what}s"
           " (float32, bfloat16, float16, float64). Exclude it with"
           " optax.masked or optax.partition.")
     leaves.append(leaf)

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from shampoo_optax import _blocks
@@ -299,16 +300,18 @@ def scale_by_soap(
   Returns:
     An ``optax.GradientTransformation`` whose state is a `SoapState`.
   """
-  block_size = _shampoo._static_int("block_size", block_size, 1)  # pylint: disable=protected-access
-  precondition_every = _shampoo._static_int(  # pylint: disable=protected-access
-      "precondition_every", precondition_every, 1)
-  max_precondition_dim = _shampoo._static_int(  # pylint: disable=protected-access
+  static_int = functools.partial(
+      _shampoo._static_int,  # pylint: disable=protected-access
+      static_options="SOAP_STATIC_OPTIONS")
+  block_size = static_int("block_size", block_size, 1)
+  precondition_every = static_int("precondition_every", precondition_every, 1)
+  max_precondition_dim = static_int(
       "max_precondition_dim", max_precondition_dim, 1)
   _shampoo._check_range("b1", b1, 0.0, 1.0, high_open=True)  # pylint: disable=protected-access
   _shampoo._check_range("b2", b2, 0.0, 1.0)  # pylint: disable=protected-access
   _shampoo._check_range("shampoo_beta", shampoo_beta, 0.0, 1.0)  # pylint: disable=protected-access
   _shampoo._check_range("eps", eps, 0.0)  # pylint: disable=protected-access
-  if not isinstance(skip_nonfinite, bool):
+  if not isinstance(skip_nonfinite, (bool, np.bool_)):
     raise TypeError(
         f"skip_nonfinite must be True or False, got {skip_nonfinite!r}.")
   shard_axes = _sharding.check_shard_axes(shard_axes)
@@ -317,7 +320,8 @@ def scale_by_soap(
     raise TypeError("basis_dtype must be a floating dtype.")
 
   def plan_for(tree):
-    paths, leaves, treedef = _shampoo._as_leaves(tree, "update")  # pylint: disable=protected-access
+    paths, leaves, treedef = _shampoo._as_leaves(  # pylint: disable=protected-access
+        tree, "update", transform="scale_by_soap")
     axes = _shampoo._resolve_layer_axes(  # pylint: disable=protected-access
         layer_axes, tree, paths, leaves, treedef)
     plan = _blocks.make_plan(tuple(tuple(x.shape) for x in leaves), axes,

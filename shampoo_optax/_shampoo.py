@@ -795,17 +795,8 @@ def scale_by_shampoo(
           f" transformation's init, got {type(state).__name__}.")
     plan, paths, leaves, treedef = plan_for(updates)
     check_state(plan, paths, leaves, treedef, state)
-    family_specs = None
-    if _sharding.explicit_axes_in_context():
-      # The split chosen at init is in the state's types.
-      specs = [_sharding.leaf_spec(s)[:len(f.batch_shape)]
-               for s, f in zip(state.stats, plan.factors)]
-      leaf_specs = [_sharding.leaf_spec(x) for x in leaves]
-      family_specs = [_sharding.family_spec(plan, f, leaf_specs)
-                      for f in range(len(plan.families))]
-    else:
-      specs = _sharding.factor_batch_specs(
-          plan, [(None,) * x.ndim for x in leaves], shard_axes)
+    specs, family_specs = _sharding.update_specs(plan, state.stats, leaves,
+                                                 shard_axes)
     # The float options are arguments, not closed over: under explicit
     # sharding they must cross into `in_auto_mode` like every traced value.
     core = functools.partial(update_core, plan=plan, specs=specs,

@@ -202,6 +202,24 @@ def family_spec(plan, family: int, leaf_specs) -> tuple[AxisEntry, ...]:
                for i, e in enumerate(first))
 
 
+def update_specs(plan, stats, leaves, shard_axes):
+  """The factors' and the families' splits, when an update is traced.
+
+  Under explicit sharding the factors' split chosen at init is read from the
+  state's types, and the families' from their leaves'. Otherwise the
+  parameters' split is not visible: the factors split over ``shard_axes``
+  alone and the families are not pinned (``None``).
+  """
+  if not explicit_axes_in_context():
+    return factor_batch_specs(plan, [(None,) * x.ndim for x in leaves],
+                              shard_axes), None
+  specs = [leaf_spec(s)[:len(f.batch_shape)]
+           for s, f in zip(stats, plan.factors)]
+  leaf_specs = [leaf_spec(x) for x in leaves]
+  return specs, [family_spec(plan, f, leaf_specs)
+                 for f in range(len(plan.families))]
+
+
 def pin(x: jax.Array, spec: Sequence[AxisEntry]) -> jax.Array:
   """Pins ``x`` to ``spec`` inside the update, whole axes included."""
   return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))

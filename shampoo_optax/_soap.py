@@ -454,13 +454,7 @@ def scale_by_soap(
           f" transformation's init, got {type(state).__name__}.")
     plan, leaves, treedef = plan_for(updates)
     check_state(plan, state)
-    if _sharding.explicit_axes_in_context():
-      # The split chosen at init is in the state's types.
-      specs = [_sharding.leaf_spec(s)[:len(f.batch_shape)]
-               for s, f in zip(state.stats, plan.factors)]
-    else:
-      specs = _sharding.factor_batch_specs(
-          plan, [(None,) * x.ndim for x in leaves], shard_axes)
+    specs, _ = _sharding.update_specs(plan, state.stats, leaves, shard_axes)
     core = functools.partial(update_core, plan=plan, specs=specs)
     new_leaves, new_state = _sharding.in_auto_mode(core)(
         leaves, state, (b1, b2, eps, shampoo_beta))

@@ -604,10 +604,6 @@ def scale_by_shampoo(
     if not isinstance(flag, (bool, np.bool_)):
       raise TypeError(f"{name} must be True or False, got {flag!r}.")
   shard_axes = _sharding.check_shard_axes(shard_axes)
-  if not (layer_axes is None or callable(layer_axes)
-          or jax.tree.leaves(layer_axes) or layer_axes == {}):
-    raise ValueError("layer_axes must be None, a pytree of axes or a callable,"
-                     f" got {layer_axes!r}.")
   mu_dtype = _check_dtype("mu_dtype", mu_dtype)
   preconditioner_dtype = _check_dtype("preconditioner_dtype",
                                       preconditioner_dtype)
@@ -652,7 +648,7 @@ def scale_by_shampoo(
         ),
     )
 
-  def check_state(plan, paths, leaves, treedef, state):
+  def check_state(plan, paths, leaves, state):
     expected = [f.shape for f in plan.factors]
     got = [tuple(s.shape) for s in state.stats]
     # A traced b1 (optax.inject_hyperparams) momentum iff init made it.
@@ -794,7 +790,7 @@ def scale_by_shampoo(
           "scale_by_shampoo: expected the ShampooState made by this"
           f" transformation's init, got {type(state).__name__}.")
     plan, paths, leaves, treedef = plan_for(updates)
-    check_state(plan, paths, leaves, treedef, state)
+    check_state(plan, paths, leaves, state)
     specs, family_specs = _sharding.update_specs(plan, state.stats, leaves,
                                                  shard_axes)
     # The float options are arguments, not closed over: under explicit

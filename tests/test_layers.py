@@ -93,6 +93,11 @@ def test_callable_layer_axes_and_bad_values():
           p))
   state = tx.init(params)
   assert sorted(s.shape[0] for s in state.stats) == [1, 1, L, L]
+  # A spec with no stacked leaf at all is the default.
+  no_layers = shampoo_optax.scale_by_shampoo(
+      layer_axes={"layers": {"w": None}, "head": None}).init(params)
+  assert [s.shape for s in no_layers.stats] == [
+      s.shape for s in shampoo_optax.scale_by_shampoo().init(params).stats]
   for bad in ({"layers": {"w": 3}, "head": None},
               {"layers": {"w": "0"}, "head": None},
               {"layers": {"w": (0, 0)}, "head": None},

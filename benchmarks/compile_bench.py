@@ -1,7 +1,7 @@
 """Compile time of one train step, and of the update alone, vs layers.
 
     python -m benchmarks.compile_bench [--reference-path PATH]
-        [--layers 8 32 64] [--widths 64 256] [--repeats 3]
+        [--layers 8 32 64] [--widths 64 256] [--repeats 3] [--scanned]
         [--out benchmarks/results]
 
 For MLPs of L equal-shaped layers (``width x width`` kernels plus biases) it
@@ -21,7 +21,13 @@ compiled HLO of the train step, the ``eigh`` decompositions (LAPACK
 ``syevd`` custom calls or ``stablehlo`` eigh ops) and the ``while`` loops:
 compile time that grows with L usually comes from per-leaf ops like these.
 
-Writes ``<out>/compile.json`` and ``<out>/compile.md``.
+With ``--scanned`` the layers are one stacked ``[L, width, width]`` kernel
+(and ``[L, width]`` bias) run by ``jax.lax.scan``, as ``nn.scan`` builds
+them, and Shampoo gets ``layer_axes`` 0 for them; then the compiled program
+should not grow with L at all.
+
+Writes ``<out>/compile.json`` and ``<out>/compile.md`` (``compile_scanned.*``
+with ``--scanned``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,26 @@ import optax
 
 from benchmarks import _reference
 from benchmarks import run as run_lib
+
+
+def scanned_mlp(num_layers: int, width: int, seed: int = 0):
+  """The MLP below with its layers stacked and scanned over."""
+  params = {
+      "kernel": jax.random.normal(jax.random.key(seed),
+                                  (num_layers, width, width)) / jnp.sqrt(width),
+      "bias": jnp.zeros((num_layers, width)),
+  }
+
+  def loss_fn(p, batch):
+    def layer(x, weights):
+      kernel, bias = weights
+      return jnp.tanh(x @ kernel + bias), None
+
+    x, _ = jax.lax.scan(layer, batch["x"], (p["kernel"], p["bias"]))
+    return jnp.mean((x - batch["y"]) ** 2)
+
+  batch = {"x": jnp.ones((32, width)), "y": jnp.zeros((32, width))}
+  return params, loss_fn, batch
 
 
 def mlp(num_layers: int, width: int, seed: int = 0):
@@ -75,10 +101,13 @@ def count_ops(text: str) -> dict[str, int]:
   )
 
 
-def _setup(name: str, num_layers: int, width: int, options: dict):
-  params, loss_fn, batch = mlp(num_layers, width)
+def _setup(name: str, num_layers: int, width: int, options: dict,
+           scanned: bool):
+  params, loss_fn, batch = (scanned_mlp if scanned else mlp)(num_layers, width)
   if name == "reference":  # Configured like shampoo's defaults, as in run.
     options = {**run_lib.shampoo_defaults(), **options}
+  if name == "shampoo" and scanned:
+    options = {**options, "layer_axes": {"kernel": 0, "bias": 0}}
   opt = run_lib.make_optimizer(name, 1e-3, 0.0, options)
   state = opt.init(params)
 
@@ -101,9 +130,10 @@ def _lower_compile(fn, *args):
 
 
 def measure_once(name: str, num_layers: int, width: int, options: dict,
-                 details: bool = False) -> dict:
+                 details: bool = False, scanned: bool = False) -> dict:
   """One round: the train step, then the update alone, each fresh."""
-  params, batch, opt, state, step = _setup(name, num_layers, width, options)
+  params, batch, opt, state, step = _setup(name, num_layers, width, options,
+                                           scanned)
   lowered, compiled, lower_s, compile_s = _lower_compile(
       step, params, state, batch)
   out = dict(step_lower_seconds=lower_s, step_compile_seconds=compile_s,
@@ -134,13 +164,14 @@ def measure_once(name: str, num_layers: int, width: int, options: dict,
 
 
 def measure(names, num_layers: int, width: int, options: dict,
-            repeats: int) -> list[dict]:
+            repeats: int, scanned: bool = False) -> list[dict]:
   """Every optimizer in turn, ``repeats`` rounds; the fastest of each."""
   rounds = {name: [] for name in names}
   for round_ in range(repeats):
     for name in names:
       rounds[name].append(measure_once(name, num_layers, width,
-                                       options[name], details=round_ == 0))
+                                       options[name], details=round_ == 0,
+                                       scanned=scanned))
   rows = []
   for name in names:
     row = dict(optimizer=name, layers=num_layers, width=width,
@@ -163,7 +194,7 @@ def markdown(rows, names, meta, layers, widths) -> str:
   lines = [f"commit {meta['git']['commit']}; {meta['machine']['cpu_model']}, "
            f"{meta['machine']['cpu_count']} cores, jax "
            f"{meta['machine']['jax_version']}; MLP of L layers width x "
-           f"width (+bias), batch 32. Seconds to lower + compile, each in a "
+           f"width (+bias){', scanned' if meta['scanned'] else ''}, batch 32. Seconds to lower + compile, each in a "
            f"fresh jit after `jax.clear_caches()`, fastest of "
            f"{rows[0]['repeats']} rounds (optimizers back to back); ratio to "
            "AdamW in brackets.", ""]
@@ -214,6 +245,8 @@ def main(argv=None):
                   choices=run_lib.OPTIMIZERS)
   ap.add_argument("--shampoo-options", default="{}")
   ap.add_argument("--reference-options", default="{}")
+  ap.add_argument("--scanned", action="store_true",
+                  help="stacked layers under lax.scan (Shampoo: layer_axes)")
   ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
   args = ap.parse_args(argv)
 
@@ -235,7 +268,8 @@ def main(argv=None):
   rows = []
   for width in args.widths:
     for layers in args.layers:
-      for r in measure(names, layers, width, options, args.repeats):
+      for r in measure(names, layers, width, options, args.repeats,
+                       args.scanned):
         rows.append(r)
         print(f"{r['optimizer']:9s} width {width:4d} L={layers:3d}: step "
               f"{r['step_total_seconds']:.2f}s ({r['step_lower_seconds']:.2f}"
@@ -247,11 +281,12 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   meta = dict(git=run_lib.git_info(), machine=run_lib.machine_info(),
               options=options, widths=args.widths, layers=args.layers,
-              repeats=args.repeats)
-  with open(os.path.join(args.out, "compile.json"), "w") as f:
+              repeats=args.repeats, scanned=args.scanned)
+  name = "compile_scanned" if args.scanned else "compile"
+  with open(os.path.join(args.out, f"{name}.json"), "w") as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
   text = markdown(rows, names, meta, args.layers, args.widths)
-  with open(os.path.join(args.out, "compile.md"), "w") as f:
+  with open(os.path.join(args.out, f"{name}.md"), "w") as f:
     f.write(text)
   print(text)
   return 0

@@ -67,10 +67,15 @@ def bias_correction(decay, step) -> jax.Array:
   return jnp.where(decay == 1.0, step, 1.0 - decay**step)
 
 
-def _normalize(g: jax.Array) -> jax.Array:
-  """``g`` divided by the Frobenius norm of each unit (axis 0 indexes units)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)),
+def unit_norm(x: jax.Array) -> jax.Array:
+  """Frobenius norm of each unit of ``[units, ...]``, shaped to broadcast."""
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)),
                           keepdims=True))
+
+
+def _normalize(g: jax.Array) -> jax.Array:
+  """``g`` divided by the Frobenius norm of each unit."""
+  norm = unit_norm(g)
   return jnp.where(norm > 0, g / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 

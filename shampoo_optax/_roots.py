@@ -389,22 +389,30 @@ def inverse_pth_root(matrix,
   return InverseRootResult(root=root, error=error)
 
 
+def lapack_safe_map(fn, *stacks):
+  """``fn`` over stacks ``[m, ...]``: one row at a time on CPU.
+
+  For functions that call LAPACK (``eigh``, ``qr``): on CPU, batched calls
+  can deadlock (see `_single_threaded_openblas`), so the rows are mapped
+  one at a time with OpenBLAS limited to one thread; the numbers are those
+  of the batched call. Elsewhere ``fn`` runs on the whole batch.
+  """
+  if jax.default_backend() != "cpu":
+    return fn(*stacks)
+  _single_threaded_openblas()
+  return jax.lax.map(lambda rows: fn(*rows), stacks)
+
+
 def stacked_inverse_pth_root(matrices: jax.Array, p: int, *, method: str,
                              ridge_epsilon) -> InverseRootResult:
-  """`inverse_pth_root` of a ``[m, n, n]`` stack, safe on every backend.
-
-  On CPU, ``eigh`` roots are computed one matrix at a time with OpenBLAS
-  limited to one thread (see `_single_threaded_openblas`); the numbers are
-  those of the batched call.
-  """
+  """`inverse_pth_root` of a ``[m, n, n]`` stack, safe on every backend."""
   if method == "auto":
     method = default_root_method()
   root = lambda a: inverse_pth_root(a, p, method=method,
                                     ridge_epsilon=ridge_epsilon)
-  if method != "eigh" or jax.default_backend() != "cpu":
+  if method != "eigh":
     return root(matrices)
-  _single_threaded_openblas()
-  return jax.lax.map(root, matrices)
+  return lapack_safe_map(root, matrices)
 
 
 # CPU programs (one device, or several simulated ones with

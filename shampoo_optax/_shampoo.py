@@ -429,12 +429,6 @@ def _precondition(plan, blocks, roots, specs):
   }
 
 
-def _unit_norm(x: jax.Array) -> jax.Array:
-  """Frobenius norm of each unit of ``[n, ...]``, shaped to broadcast."""
-  axes = tuple(range(1, x.ndim))
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
-
-
 def _graft(plan, grafted, preconditioned, use_shampoo, graft: str):
   """Each unit's Shampoo direction at the norm of its grafted direction."""
   directions = []
@@ -444,7 +438,8 @@ def _graft(plan, grafted, preconditioned, use_shampoo, graft: str):
       continue
     shampoo_dir = preconditioned[f]
     if graft != "none":
-      num, den = _unit_norm(graft_dir), _unit_norm(shampoo_dir)
+      num, den = (_grafting.unit_norm(graft_dir),
+                  _grafting.unit_norm(shampoo_dir))
       shampoo_dir = shampoo_dir * jnp.where(
           den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
     directions.append(jnp.where(use_shampoo, shampoo_dir, graft_dir))

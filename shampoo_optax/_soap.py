@@ -95,18 +95,6 @@ SOAP_STATIC_OPTIONS = (
 )
 
 
-def _one_at_a_time(fn, *matrices):
-  """``fn`` over stacks ``[rows, d, d]``: one matrix at a time on CPU.
-
-  CPU LAPACK calls deadlock when batched across the intra-op pool (see
-  `_roots._single_threaded_openblas`).
-  """
-  if jax.default_backend() != "cpu":
-    return fn(*matrices)
-  _roots._single_threaded_openblas()  # pylint: disable=protected-access
-  return jax.lax.map(lambda xs: fn(*xs), matrices)
-
-
 def _normalized(s: jax.Array) -> jax.Array:
   """``s`` over its max-abs entry: bases do not depend on the scale."""
   scale = jnp.max(jnp.abs(s), axis=(-2, -1), keepdims=True)
@@ -160,8 +148,9 @@ def _refresh_bases(plan, stats, bases, now, specs, *, method: str):
 
     def compute(stats, old):
       if method == "eigh":
-        return [_one_at_a_time(_eigenbasis, _normalized(s)) for s in stats]
-      return [_one_at_a_time(_power_qr, _normalized(s), q)
+        return [_roots.lapack_safe_map(_eigenbasis, _normalized(s))
+                for s in stats]
+      return [_roots.lapack_safe_map(_power_qr, _normalized(s), q)
               for s, q in zip(stats, old)]
 
     # Zeros where not refreshing, selected below: a cond branch that passes

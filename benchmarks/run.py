@@ -60,7 +60,7 @@ from benchmarks import _reference
 from benchmarks import workloads as workloads_lib
 
 # The default selection; the peers run when asked for with --optimizers.
-OPTIMIZERS = ("adamw", "shampoo", "reference")
+OPTIMIZERS = ("adamw", "shampoo", "soap", "reference")
 CHOICES = OPTIMIZERS + _peers.PEERS
 
 # What the main thread is doing, for the watchdog: (description, start time,
@@ -183,13 +183,14 @@ def git_info() -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def _shampoo_fn():
+def _shampoo_fn(name: str = "shampoo"):
+  """``shampoo_optax.shampoo`` or ``.soap``, or None if it does not import."""
   try:
     import shampoo_optax  # pylint: disable=import-outside-toplevel
-    return shampoo_optax.shampoo
+    return getattr(shampoo_optax, name)
   except Exception as e:  # pylint: disable=broad-except
     print(f"[run] shampoo_optax not importable ({type(e).__name__}: {e}); "
-          "skipping it", flush=True)
+          f"skipping {name}", flush=True)
     return None
 
 
@@ -217,8 +218,8 @@ def precondition_every(name: str, options: dict[str, Any]) -> int:
     return 1
   if "precondition_every" in options:
     return int(options["precondition_every"])
-  if name == "shampoo":
-    fn = _shampoo_fn()
+  if name in ("shampoo", "soap"):
+    fn = _shampoo_fn(name)
     return int(inspect.signature(fn).parameters["precondition_every"].default)
   return int(inspect.signature(_reference.reference_optimizer)
              .parameters["precondition_every"].default)
@@ -229,8 +230,9 @@ def make_optimizer(name: str, learning_rate, weight_decay: float,
   """``learning_rate`` may be a (traced) schedule."""
   if name == "adamw":
     return optax.adamw(learning_rate, weight_decay=weight_decay, **options)
-  if name == "shampoo":
-    return _shampoo_fn()(learning_rate, weight_decay=weight_decay, **options)
+  if name in ("shampoo", "soap"):
+    return _shampoo_fn(name)(learning_rate, weight_decay=weight_decay,
+                             **options)
   if name == "reference":
     return _reference.reference_optimizer(
         learning_rate, weight_decay=weight_decay, **options)
@@ -576,7 +578,7 @@ def plot(workload, sweep, seeds, summary, path):
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-  colors = {"adamw": "tab:blue", "shampoo": "tab:red",
+  colors = {"adamw": "tab:blue", "shampoo": "tab:red", "soap": "tab:pink",
             "reference": "tab:green", "muon": "tab:purple",
             "kron": "tab:orange", "pro": "tab:brown"}
   for name, runs in sweep.items():
@@ -773,6 +775,8 @@ def main(argv=None):
   ap.add_argument("--shakespeare-path", default=None)
   ap.add_argument("--shampoo-options", default="{}",
                   help="JSON dict of shampoo_optax.shampoo keyword options")
+  ap.add_argument("--soap-options", default="{}",
+                  help="JSON dict of shampoo_optax.soap keyword options")
   ap.add_argument("--reference-options", default="{}",
                   help="JSON dict of reference options (our names, see "
                        "benchmarks/_reference.py); default: same as "
@@ -809,8 +813,9 @@ def main(argv=None):
   lrs_override = json.loads(args.lrs)
 
   names = [n for n in args.optimizers]
-  if "shampoo" in names and _shampoo_fn() is None:
-    names.remove("shampoo")
+  for name in ("shampoo", "soap"):
+    if name in names and _shampoo_fn(name) is None:
+      names.remove(name)
   if "reference" in names:
     if args.reference_path is None:
       names.remove("reference")
@@ -818,6 +823,7 @@ def main(argv=None):
       _reference.load_reference(args.reference_path)
   peer_options = json.loads(args.peer_options)
   options = {"adamw": {}, "shampoo": shampoo_options,
+             "soap": json.loads(args.soap_options),
              "reference": reference_options,
              **{p: peer_options.get(p, {}) for p in _peers.PEERS}}
 

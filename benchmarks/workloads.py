@@ -70,13 +70,14 @@ def schedule(peak_lr: float, steps: int, warmup_fraction: float = 0.05):
 def _lrs(adamw, kron) -> dict[str, tuple[float, ...]]:
   """Every optimizer's sweep (README: protocol).
 
-  Shampoo and the peers documented to train at Adam's learning rate (Muon
-  with ``consistent_rms=0.2``, PRO) get AdamW's; Kron, for which
-  distributed-kron's docs recommend starting about 3x below Adam's (its
-  default is 3e-4), gets the same log-spaced grid one point lower.
+  Shampoo, SOAP (Adam's learning rate in the paper) and the peers documented
+  to train at Adam's learning rate (Muon with ``consistent_rms=0.2``, PRO)
+  get AdamW's; Kron, for which distributed-kron's docs recommend starting
+  about 3x below Adam's (its default is 3e-4), gets the same log-spaced grid
+  one point lower.
   """
-  return {"adamw": adamw, "shampoo": adamw, "muon": adamw, "pro": adamw,
-          "kron": kron}
+  return {"adamw": adamw, "shampoo": adamw, "soap": adamw, "muon": adamw,
+          "pro": adamw, "kron": kron}
 
 
 # ---------------------------------------------------------------------------

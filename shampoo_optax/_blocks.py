@@ -154,6 +154,30 @@ class Plan:
     """``(index, factor)`` of every factor of a family."""
     return [(i, f) for i, f in enumerate(self.factors) if f.family == family]
 
+  def member_starts(self, anchor: jax.Array, families: Sequence[int]
+                    ) -> list[list[jax.Array] | None]:
+    """The members' offsets in the given families, hidden from XLA.
+
+    XLA compiles one kernel per distinct slice: cut at constant offsets, a
+    family's members cost a kernel each (about 10 ms of compile time on a
+    CPU, more than all of AdamW's work on a leaf). At offsets known only at
+    run time, the members of one shape share a kernel. ``anchor`` is any
+    int32 scalar computed at run time; a sort keyed by it hides the offsets
+    from constant folding and is a no-op (each operand holds one value
+    twice). Families with one member, or not listed, get ``None``.
+    """
+    chosen = [f for f in families if len(self.families[f].members) > 1]
+    if not chosen:
+      return [None] * len(self.families)
+    offsets = [m.offset for f in chosen for m in self.families[f].members]
+    hidden = jax.lax.sort(
+        (jnp.broadcast_to(anchor.astype(jnp.int32), (2,)),)
+        + tuple(jnp.full((2,), o, jnp.int32) for o in offsets),
+        num_keys=1)[1:]
+    hidden = iter(x[0] for x in hidden)
+    return [[next(hidden) for _ in fam.members] if f in chosen else None
+            for f, fam in enumerate(self.families)]
+
   def stack(self, leaves: Sequence[jax.Array], family: int) -> jax.Array:
     """The family's units from its leaves: ``[units, *shape]``."""
     fam = self.families[family]
@@ -164,23 +188,38 @@ class Plan:
     ]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
-  def unstack(self, stacked: jax.Array, family: int) -> list[jax.Array]:
-    """Inverse of `stack`: one array per member leaf, in the leaf's shape."""
+  def unstack(self, stacked: jax.Array, family: int,
+              starts: Sequence[jax.Array] | None = None) -> list[jax.Array]:
+    """Inverse of `stack`: one array per member leaf, in the leaf's shape.
+
+    ``starts``: the members' offsets from `member_starts`, or None to slice
+    at constant offsets.
+    """
+    members = self.families[family].members
     out = []
-    for m in self.families[family].members:
+    for i, m in enumerate(members):
       shape = self.shapes[m.leaf]
       layer_shape = tuple(shape[a] for a in m.layer_axes)
       unit_shape = tuple(d for a, d in enumerate(shape)
                          if a not in m.layer_axes)
-      x = stacked[m.offset:m.offset + m.units].reshape(layer_shape + unit_shape)
+      if len(members) == 1:
+        x = stacked
+      elif starts is None:
+        x = stacked[m.offset:m.offset + m.units]
+      else:
+        x = jax.lax.dynamic_slice_in_dim(stacked, starts[i], m.units)
+      x = x.reshape(layer_shape + unit_shape)
       out.append(jnp.moveaxis(x, range(len(m.layer_axes)), m.layer_axes))
     return out
 
-  def unstack_tree(self, stacked: Sequence[jax.Array]) -> list[jax.Array]:
+  def unstack_tree(self, stacked: Sequence[jax.Array],
+                   starts: Sequence[Sequence[jax.Array]] | None = None
+                   ) -> list[jax.Array]:
     """Leaves in flattened order from one stacked array per family."""
     leaves = [None] * len(self.shapes)
     for f, fam in enumerate(self.families):
-      for m, x in zip(fam.members, self.unstack(stacked[f], f)):
+      for m, x in zip(fam.members, self.unstack(
+          stacked[f], f, None if starts is None else starts[f])):
         leaves[m.leaf] = x
     return leaves
 

@@ -747,9 +747,11 @@ def scale_by_shampoo(
     # whole elementwise expression into every leaf's slice (compile time).
     directions = jax.lax.optimization_barrier(
         pin([jnp.where(finite, d, 0.0) for d in directions]))
+    starts = plan.member_starts(count, _sharding.units_whole(
+        family_specs, len(plan.families)))
     updates = [
         d.astype(g.dtype) for d, g in zip(
-            plan.unstack_tree(directions), leaves)]
+            plan.unstack_tree(directions, starts), leaves)]
 
     refreshed = hi > lo
     failures = sum((jnp.sum(r, dtype=jnp.int32) for r in rejected),

@@ -220,6 +220,16 @@ def update_specs(plan, stats, leaves, shard_axes):
                  for f in range(len(plan.families))]
 
 
+def units_whole(family_specs, num_families: int) -> list[int]:
+  """The families whose units axis is whole (all when they are unpinned).
+
+  Their members may be sliced at offsets hidden from XLA
+  (`_blocks.Plan.member_starts`); such a slice of a split axis would gather.
+  """
+  return [f for f in range(num_families)
+          if family_specs is None or family_specs[f][0] is None]
+
+
 def pin(x: jax.Array, spec: Sequence[AxisEntry]) -> jax.Array:
   """Pins ``x`` to ``spec`` inside the update, whole axes included."""
   return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))

@@ -353,7 +353,7 @@ def scale_by_soap(
           f" {[(fam.units,) + fam.shape for fam in plan.families]}). Call"
           " init with this transformation.")
 
-  def update_core(leaves, state, floats, plan, specs):
+  def update_core(leaves, state, floats, plan, specs, family_specs):
     b1, b2, eps, beta_s = (jnp.asarray(x, jnp.float32) for x in floats)
     count = state.count
     stacked = [plan.stack([g.astype(jnp.float32) for g in leaves], f)
@@ -413,8 +413,10 @@ def scale_by_soap(
     keep = lambda new, old: tuple(
         jnp.where(finite, n, o).astype(o.dtype) for n, o in zip(new, old))
     directions = [jnp.where(finite, d, 0.0) for d in directions]
+    starts = plan.member_starts(count, _sharding.units_whole(
+        family_specs, len(plan.families)))
     updates = [d.astype(g.dtype)
-               for d, g in zip(plan.unstack_tree(directions), leaves)]
+               for d, g in zip(plan.unstack_tree(directions, starts), leaves)]
     failures = sum((jnp.sum(r, dtype=jnp.int32)
                     for r in rejected + rejected_first),
                    jnp.zeros([], jnp.int32))
@@ -443,8 +445,10 @@ def scale_by_soap(
           f" transformation's init, got {type(state).__name__}.")
     plan, leaves, treedef = plan_for(updates)
     check_state(plan, state)
-    specs, _ = _sharding.update_specs(plan, state.stats, leaves, shard_axes)
-    core = functools.partial(update_core, plan=plan, specs=specs)
+    specs, family_specs = _sharding.update_specs(plan, state.stats, leaves,
+                                                 shard_axes)
+    core = functools.partial(update_core, plan=plan, specs=specs,
+                             family_specs=family_specs)
     new_leaves, new_state = _sharding.in_auto_mode(core)(
         leaves, state, (b1, b2, eps, shampoo_beta))
     return jax.tree.unflatten(treedef, new_leaves), new_state

@@ -124,3 +124,16 @@ def test_failed_peer_is_a_result_row(monkeypatch):
   tab = run.table(w, summary)
   assert "| pro " in tab and "failed: RuntimeError: pro cannot run here" in tab
   assert "failed: stalled at lr=0.001" in tab
+
+
+def test_shampoo_and_soap_run_by_the_same_protocol():
+  from benchmarks import run  # pylint: disable=import-outside-toplevel
+
+  w = _tiny_workload()
+  names = ["adamw", "shampoo", "soap"]
+  _, _, summary = run.run_workload(w, names, {n: {} for n in names}, {},
+                                   n_seeds=1, timing_rounds=0, failed={})
+  assert list(summary) == names
+  for name in names:
+    assert summary[name]["best_lr"] == 1e-3, summary[name]
+  assert "| soap " in run.table(w, summary)

@@ -516,3 +516,34 @@ def test_roots_run_only_on_refresh_phases(refresh):
   eigh_in = {re.match(r"^(?:ENTRY )?%?([\w.\-]+)", b.strip()).group(1)
              for b in blocks if "syevd" in b}
   assert eigh_in and not eigh_in & outside, (eigh_in, outside)
+
+
+def _distinct_kernels(hlo: str) -> int:
+  """Fused computations that differ in more than their names (XLA compiles
+  one kernel per distinct computation)."""
+  bodies = re.findall(r"\n%?fused_computation[^\n]*\{\n(.*?)\n\}", hlo, re.S)
+  assert bodies
+  return len({re.sub(r"%[\w.\-]+", "%x",
+                     re.sub(r", metadata=\{[^}]*\}", "", b)) for b in bodies})
+
+
+@pytest.mark.parametrize("make", [
+    lambda: shampoo_optax.shampoo(1e-3, weight_decay=1e-4),
+    lambda: shampoo_optax.soap(1e-3),
+], ids=["shampoo", "soap"])
+def test_kernels_do_not_grow_with_layers(make):
+  """Like AdamW's, the compiled update has as many distinct kernels for 16
+  layers as for 4: the leaves' slices of a family share one per shape.
+
+  At constant offsets each slice was a kernel of its own, and compile time
+  grew by ~10 ms per leaf (`benchmarks/compile_bench.py`).
+  """
+  counts = []
+  for layers in (4, 16):
+    params = {f"l{i}": {"w": jnp.zeros((32, 32)), "b": jnp.zeros(32)}
+              for i in range(layers)}
+    tx = make()
+    state = jax.eval_shape(tx.init, params)
+    counts.append(_distinct_kernels(
+        jax.jit(tx.update).lower(params, state, params).compile().as_text()))
+  assert counts[1] <= counts[0], counts

@@ -170,11 +170,15 @@ class Plan:
     if not chosen:
       return [None] * len(self.families)
     offsets = [m.offset for f in chosen for m in self.families[f].members]
-    hidden = jax.lax.sort(
-        (jnp.broadcast_to(anchor.astype(jnp.int32), (2,)),)
-        + tuple(jnp.full((2,), o, jnp.int32) for o in offsets),
-        num_keys=1)[1:]
-    hidden = iter(x[0] for x in hidden)
+    keys = jnp.broadcast_to(anchor.astype(jnp.int32), (2,))
+    # A few dozen operands per sort: a kernel's parameter space is bounded
+    # (GPUs), and equal sorts share one kernel.
+    hidden = iter(
+        x[0] for i in range(0, len(offsets), 32)
+        for x in jax.lax.sort(
+            (keys,) + tuple(jnp.full((2,), o, jnp.int32)
+                            for o in offsets[i:i + 32]),
+            num_keys=1)[1:])
     return [[next(hidden) for _ in fam.members] if f in chosen else None
             for f, fam in enumerate(self.families)]
 

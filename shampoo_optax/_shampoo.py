@@ -655,7 +655,7 @@ def scale_by_shampoo(
         value = graft if name == "graft" else b1
         raise ValueError(
             f"scale_by_shampoo: the state was made with another {name}:"
-            f" {name}={value!r} {'needs' if wanted else 'has no'} per-leaf"
+            f" {name}={value!r} {'needs' if wanted else 'has no'}"
             f" {'accumulators' if name == 'graft' else 'momentum'}, the state"
             f" {'has none' if wanted else 'has them'}. Call init again with"
             " this transformation.")

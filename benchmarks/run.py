@@ -1,7 +1,7 @@
-"""Time-to-target benchmark: AdamW vs shampoo_optax.shampoo vs the reference.
+"""Time-to-target benchmark: AdamW vs shampoo_optax.shampoo and .soap vs peers.
 
     python -m benchmarks.run [--quick] [--workloads fmnist_mlp char_lm ...]
-        [--optimizers adamw shampoo reference muon kron pro] [--seeds 3]
+        [--optimizers adamw shampoo soap reference muon kron pro] [--seeds 3]
         [--reference-path PATH] [--out benchmarks/results] [--resume]
 
 Protocol (see benchmarks/README.md):

@@ -1,4 +1,4 @@
-"""Time-to-target benchmark: AdamW vs shampoo_optax.shampoo and .soap vs peers.
+"""Time-to-target benchmark: AdamW, shampoo_optax (shampoo, soap), peers.
 
     python -m benchmarks.run [--quick] [--workloads fmnist_mlp char_lm ...]
         [--optimizers adamw shampoo soap reference muon kron pro] [--seeds 3]

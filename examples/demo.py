@@ -76,7 +76,7 @@ class MLP(nnx.Module):
 
 
 def synthetic_data(
-    seed: int, num_train: int = 2048, num_test: int = 512
+    seed: int, num_train: int = 8192, num_test: int = 512
 ) -> dict:
   """Random 28x28 uint8 images of 10 classes (a noisy prototype per class)."""
   rng = np.random.default_rng(seed + 12345)
@@ -404,7 +404,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   try:
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
   except ValueError:
-    p.error(f"--batch-sizes must be comma-separated integers, got"
+    p.error("--batch-sizes must be comma-separated integers, got"
             f" {args.batch_sizes!r}")
   if any(b < 1 for b in args.batch_sizes):
     p.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")

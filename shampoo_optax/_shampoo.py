@@ -249,6 +249,45 @@ def _resolve_layer_axes(layer_axes, tree, paths, leaves, treedef):
   return tuple(resolved)
 
 
+def _plan_of(tree, layer_axes, block_size: int, max_precondition_dim: int,
+             exponent_override=None, transform: str = "scale_by_shampoo"):
+  """The plan of a tree of updates or params, and its flattened leaves."""
+  paths, leaves, treedef = _as_leaves(tree, "update", transform)
+  axes = _resolve_layer_axes(layer_axes, tree, paths, leaves, treedef)
+  plan = _blocks.make_plan(tuple(tuple(x.shape) for x in leaves), axes,
+                           block_size, max_precondition_dim, exponent_override)
+  return plan, paths, leaves, treedef
+
+
+def _update_fn(transform: str, state_type, plan_for, check_state, update_core,
+               shard_axes, floats):
+  """A transform's ``update`` around its arithmetic ``update_core``.
+
+  Checks the state, reads the splits (`_sharding.update_specs`) and runs
+  ``update_core(leaves, state, floats, plan=, specs=, family_specs=)`` under
+  `_sharding.in_auto_mode`. The float options are arguments, not closed
+  over: under explicit sharding they must cross into ``in_auto_mode`` like
+  every traced value.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    if not isinstance(state, state_type):
+      raise TypeError(
+          f"{transform}: expected the {state_type.__name__} made by this"
+          f" transformation's init, got {type(state).__name__}.")
+    plan, paths, leaves, treedef = plan_for(updates)
+    check_state(plan, paths, leaves, state)
+    specs, family_specs = _sharding.update_specs(plan, state.stats, leaves,
+                                                 shard_axes)
+    core = functools.partial(update_core, plan=plan, specs=specs,
+                             family_specs=family_specs)
+    new_leaves, new_state = _sharding.in_auto_mode(core)(leaves, state, floats)
+    return jax.tree.unflatten(treedef, new_leaves), new_state
+
+  return update_fn
+
+
 # ---------------------------------------------------------------------------
 # Stages of the update. Each takes the static plan and per-family or
 # per-factor lists of arrays.
@@ -461,6 +500,18 @@ def _momentum(directions, mus, step, b1, *, nesterov: bool, heavy_ball: bool):
   return [m / scale for m in mus], mus
 
 
+def _kept_where(finite, new, old) -> tuple[jax.Array, ...]:
+  """``new`` where ``finite``, else ``old``, in ``old``'s dtypes."""
+  return tuple(jnp.where(finite, n, o).astype(o.dtype)
+               for n, o in zip(new, old))
+
+
+def _count_true(masks) -> jax.Array:
+  """The number of true entries over a list of boolean arrays, int32."""
+  return sum((jnp.sum(m, dtype=jnp.int32) for m in masks),
+             jnp.zeros([], jnp.int32))
+
+
 def _family_zeros(plan, leaves, dtype) -> tuple[jax.Array, ...]:
   """Zeros ``[units, *shape]`` per family, split like its leaves.
 
@@ -608,13 +659,10 @@ def scale_by_shampoo(
   num_phases = precondition_every if refresh == "staggered" else 1
   floats = _Floats(b1, b2, matrix_eps, graft_eps, graft_b2, max_root_error)
 
-  def plan_for(tree):
-    paths, leaves, treedef = _as_leaves(tree, "update")
-    axes = _resolve_layer_axes(layer_axes, tree, paths, leaves, treedef)
-    plan = _blocks.make_plan(tuple(tuple(x.shape) for x in leaves), axes,
-                             block_size, max_precondition_dim,
-                             exponent_override)
-    return plan, paths, leaves, treedef
+  plan_for = functools.partial(
+      _plan_of, layer_axes=layer_axes, block_size=block_size,
+      max_precondition_dim=max_precondition_dim,
+      exponent_override=exponent_override)
 
   def init_fn(params):
     plan, _, leaves, _ = plan_for(params)
@@ -726,8 +774,7 @@ def scale_by_shampoo(
 
     # Without skip_nonfinite, `finite` is a constant True and the selects
     # below fold away.
-    keep = lambda new, old: tuple(
-        jnp.where(finite, n, o).astype(o.dtype) for n, o in zip(new, old))
+    keep = functools.partial(_kept_where, finite)
     accumulators = None if state.graft is None else list(state.graft)
     grafted = _grafting.graft_direction(graft, stacked, accumulators, step,
                                         floats.graft_b2, floats.graft_eps)
@@ -754,8 +801,7 @@ def scale_by_shampoo(
             plan.unstack_tree(directions, starts), leaves)]
 
     refreshed = hi > lo
-    failures = sum((jnp.sum(r, dtype=jnp.int32) for r in rejected),
-                   jnp.zeros([], jnp.int32))
+    failures = _count_true(rejected)
     max_error = functools.reduce(jnp.maximum, (
         jnp.max(jnp.where(jnp.isnan(e), jnp.inf, e), initial=0.0)
         for e in errors), jnp.zeros([], jnp.float32))
@@ -780,23 +826,8 @@ def scale_by_shampoo(
     )
     return updates, new_state
 
-  def update_fn(updates, state, params=None):
-    del params
-    if not isinstance(state, ShampooState):
-      raise TypeError(
-          "scale_by_shampoo: expected the ShampooState made by this"
-          f" transformation's init, got {type(state).__name__}.")
-    plan, paths, leaves, treedef = plan_for(updates)
-    check_state(plan, paths, leaves, state)
-    specs, family_specs = _sharding.update_specs(plan, state.stats, leaves,
-                                                 shard_axes)
-    # The float options are arguments, not closed over: under explicit
-    # sharding they must cross into `in_auto_mode` like every traced value.
-    core = functools.partial(update_core, plan=plan, specs=specs,
-                             family_specs=family_specs)
-    new_leaves, new_state = _sharding.in_auto_mode(core)(leaves, state, floats)
-    return jax.tree.unflatten(treedef, new_leaves), new_state
-
+  update_fn = _update_fn("scale_by_shampoo", ShampooState, plan_for,
+                         check_state, update_core, shard_axes, floats)
   return optax.GradientTransformation(init_fn, update_fn)
 
 

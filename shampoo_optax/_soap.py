@@ -308,17 +308,13 @@ def scale_by_soap(
   if basis_dtype is None:
     raise TypeError("basis_dtype must be a floating dtype.")
 
-  def plan_for(tree):
-    paths, leaves, treedef = _shampoo._as_leaves(  # pylint: disable=protected-access
-        tree, "update", transform="scale_by_soap")
-    axes = _shampoo._resolve_layer_axes(  # pylint: disable=protected-access
-        layer_axes, tree, paths, leaves, treedef)
-    plan = _blocks.make_plan(tuple(tuple(x.shape) for x in leaves), axes,
-                             block_size, max_precondition_dim)
-    return plan, leaves, treedef
+  plan_for = functools.partial(
+      _shampoo._plan_of,  # pylint: disable=protected-access
+      layer_axes=layer_axes, block_size=block_size,
+      max_precondition_dim=max_precondition_dim, transform="scale_by_soap")
 
   def init_fn(params):
-    plan, leaves, _ = plan_for(params)
+    plan, _, leaves, _ = plan_for(params)
     specs = _sharding.factor_batch_specs(
         plan, [_sharding.leaf_spec(x) for x in leaves], shard_axes)
     place = lambda xs: tuple(_sharding.constrain(x, s)
@@ -341,7 +337,8 @@ def scale_by_soap(
         ),
     )
 
-  def check_state(plan, state):
+  def check_state(plan, paths, leaves, state):
+    del paths, leaves
     stats = [tuple(s.shape) for s in state.stats]
     families = [tuple(m.shape) for m in state.mu]
     if (stats != [f.shape for f in plan.factors]
@@ -410,16 +407,13 @@ def scale_by_soap(
             lambda nu, _: jnp.zeros_like(nu), nus[f], orders)
         nus[f] = jnp.where(refresh_now, permuted, nus[f])
 
-    keep = lambda new, old: tuple(
-        jnp.where(finite, n, o).astype(o.dtype) for n, o in zip(new, old))
+    keep = functools.partial(_shampoo._kept_where, finite)  # pylint: disable=protected-access
     directions = [jnp.where(finite, d, 0.0) for d in directions]
     starts = plan.member_starts(count, _sharding.units_whole(
         family_specs, len(plan.families)))
     updates = [d.astype(g.dtype)
                for d, g in zip(plan.unstack_tree(directions, starts), leaves)]
-    failures = sum((jnp.sum(r, dtype=jnp.int32)
-                    for r in rejected + rejected_first),
-                   jnp.zeros([], jnp.int32))
+    failures = _shampoo._count_true(rejected + rejected_first)  # pylint: disable=protected-access
     diagnostics = state.diagnostics
     refreshed = finite & (first | refresh_now) & bool(plan.factors)
     new_state = SoapState(
@@ -437,22 +431,9 @@ def scale_by_soap(
     )
     return updates, new_state
 
-  def update_fn(updates, state, params=None):
-    del params
-    if not isinstance(state, SoapState):
-      raise TypeError(
-          "scale_by_soap: expected the SoapState made by this"
-          f" transformation's init, got {type(state).__name__}.")
-    plan, leaves, treedef = plan_for(updates)
-    check_state(plan, state)
-    specs, family_specs = _sharding.update_specs(plan, state.stats, leaves,
-                                                 shard_axes)
-    core = functools.partial(update_core, plan=plan, specs=specs,
-                             family_specs=family_specs)
-    new_leaves, new_state = _sharding.in_auto_mode(core)(
-        leaves, state, (b1, b2, eps, shampoo_beta))
-    return jax.tree.unflatten(treedef, new_leaves), new_state
-
+  update_fn = _shampoo._update_fn(  # pylint: disable=protected-access
+      "scale_by_soap", SoapState, plan_for, check_state, update_core,
+      shard_axes, (b1, b2, eps, shampoo_beta))
   return optax.GradientTransformation(init_fn, update_fn)
 
 

@@ -8,21 +8,12 @@ import numpy as np
 import optax
 import pytest
 
+from numerics import assert_close
 import shampoo_optax
 
 L, D, BATCH, STEPS = 4, 16, 64, 20
 # Refreshes at steps 1, 4, 7, ...: the 20 steps include six.
 OPTIONS = dict(block_size=8, precondition_every=3)
-
-
-def assert_close(actual, expected, rtol=1e-5):
-  """Equal up to float32 round-off, relative to the expected max-abs."""
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    assert a.shape == e.shape
-    scale = max(np.abs(e).max(initial=0.0), 1e-30)
-    assert np.abs(a - e).max(initial=0.0) <= rtol * scale, (
-        np.abs(a - e).max() / scale)
 
 
 def run(tx, grads_per_step, params):

@@ -578,8 +578,8 @@ def state_model(config: Config, devices: int, per_layer: bool,
   The parameters are split by the FSDP rule at ``devices``; the factors'
   batch axes and the per-family arrays (grafting accumulator, momentum) are
   split by the library's own rules (`_sharding.factor_batch_specs`,
-  `_sharding.family_spec`) on an abstract ``devices``-device mesh; nothing
-  is padded; scalars are replicated. ``per_layer`` passes ``layer_axes``
+  `_sharding.family_spec`) on an abstract ``devices``-device mesh, padded
+  rows included (`_sharding.layout_batch_shape`); scalars are replicated. ``per_layer`` passes ``layer_axes``
   (axis 0 of the stacked layer leaves), else they are ``[L, ...]`` tensors.
   ``options``: Shampoo's recorded options.
   """
@@ -600,6 +600,8 @@ def state_model(config: Config, devices: int, per_layer: bool,
                                    axis_types=(AxisType.Explicit,))
   with jax.sharding.use_abstract_mesh(mesh):
     batch_specs = _sharding.factor_batch_specs(plan, specs, AXIS)
+    layouts = [_sharding.layout_batch_shape(f, s)
+               for f, s in zip(plan.factors, batch_specs)]
     family_specs = [_sharding.family_spec(plan, f, specs)
                     for f in range(len(plan.families))]
   local = lambda shape, spec: math.prod(
@@ -609,7 +611,7 @@ def state_model(config: Config, devices: int, per_layer: bool,
   per_family = 4 * (options["graft"] not in ("sgd", "none")) + 4 * (
       float(options["b1"]) != 0)
   num_phases = options["precondition_every"]
-  rows = [local(f.batch_shape, s) for f, s in zip(plan.factors, batch_specs)]
+  rows = [local(b, s) for b, s in zip(layouts, batch_specs)]
   packed = [math.prod(_symmetric.packed_shape(f.dim)) for f in plan.factors]
   factor_bytes = lambda counts: sum(
       n * (p * (4 + root_bytes) + 4) for n, p in zip(counts, packed))

@@ -87,8 +87,9 @@ class MLP(nn.Module):
 
 
 def make_optimizer():
-  # Block 16: the kernels are 8 blocks of 16 x 16, whose 16 factors are split
-  # over the 8 devices; the roots are refreshed every second step.
+  # Block 16: the kernels are 1 x 2, 2 x 2 and 2 x 1 blocks of 16 x 16. No
+  # axis of theirs divides 8, so each factor's rows are padded to 8, one per
+  # device. The roots are refreshed every second step.
   return shampoo_optax.shampoo(
       3e-3, block_size=16, precondition_every=2, weight_decay=1e-4,
       shard_axes="data")
@@ -135,8 +136,12 @@ def init_params():
                              np.zeros((1, FEATURES), np.float32))
 
 
-def save_checkpoint(path, step, params, opt_state):
-  """Every process calls this; each writes the shards it holds."""
+def save_checkpoint(path, step, params, opt_state, tx):
+  """Every process calls this; each writes the shards it holds.
+
+  The state is saved in its checkpoint layout (no padding rows).
+  """
+  opt_state = shampoo_optax.unpad_state(tx, params, opt_state)
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
     checkpointer.save(path, args=ocp.args.StandardSave(
         {"step": step, "params": params, "opt_state": opt_state}), force=True)
@@ -145,18 +150,20 @@ def save_checkpoint(path, step, params, opt_state):
 def restore_checkpoint(path, tx, mesh):
   """Restores onto ``mesh``, in any number of processes.
 
-  Strict: the state's shapes do not depend on the mesh, so any mesh will do.
+  Strict: the checkpoint layout does not depend on the mesh, so any mesh
+  will do; `shampoo_optax.pad_state` then lays the state out for it.
   """
   replicated = NamedSharding(mesh, P())
   params = jax.tree.map(
       lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated),
       jax.eval_shape(init_params))
-  state = shampoo_optax.abstract_state(tx, params, mesh)
+  state = shampoo_optax.abstract_state(tx, params, mesh, padded=False)
   step = jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
     restored = checkpointer.restore(path, args=ocp.args.StandardRestore(
         {"step": step, "params": params, "opt_state": state}))
-  return int(restored["step"]), restored["params"], restored["opt_state"]
+  return int(restored["step"]), restored["params"], shampoo_optax.pad_state(
+      tx, params, restored["opt_state"], mesh)
 
 
 def host_params(params) -> dict[str, np.ndarray]:
@@ -223,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
       args.out.mkdir(parents=True, exist_ok=True)
       np.savez(args.out / f"params_{jax.process_index()}.npz", **history[-1])
       save_checkpoint((args.out / "checkpoint").absolute(), args.steps,
-                      params, opt_state)
+                      params, opt_state, tx)
   if args.compare:
     for path in sorted(args.compare.glob("params_*.npz")):
       print(f"{path.name}: max |difference| / max |parameter| = "

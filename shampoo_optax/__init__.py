@@ -14,7 +14,9 @@ from shampoo_optax._shampoo import ShampooDiagnostics
 from shampoo_optax._shampoo import ShampooState
 from shampoo_optax._shampoo import STATIC_OPTIONS
 from shampoo_optax._sharding import abstract_state
+from shampoo_optax._sharding import pad_state
 from shampoo_optax._sharding import state_shardings
+from shampoo_optax._sharding import unpad_state
 from shampoo_optax._soap import scale_by_soap
 from shampoo_optax._soap import soap
 from shampoo_optax._soap import SOAP_STATIC_OPTIONS
@@ -28,6 +30,7 @@ __all__ = (
     "default_root_method",
     "inverse_pth_root",
     "InverseRootResult",
+    "pad_state",
     "root_error",
     "state_report",
     "StateReport",
@@ -42,4 +45,5 @@ __all__ = (
     "SoapState",
     "STATIC_OPTIONS",
     "state_shardings",
+    "unpad_state",
 )

@@ -263,7 +263,8 @@ def _update_fn(transform: str, state_type, plan_for, check_state, update_core,
                shard_axes, floats):
   """A transform's ``update`` around its arithmetic ``update_core``.
 
-  Checks the state, reads the splits (`_sharding.update_specs`) and runs
+  Reads the splits (`_sharding.update_specs`), checks the state against them
+  (``check_state(plan, paths, leaves, state, specs)``) and runs
   ``update_core(leaves, state, floats, plan=, specs=, family_specs=)`` under
   `_sharding.in_auto_mode`. The float options are arguments, not closed
   over: under explicit sharding they must cross into ``in_auto_mode`` like
@@ -277,9 +278,9 @@ def _update_fn(transform: str, state_type, plan_for, check_state, update_core,
           f"{transform}: expected the {state_type.__name__} made by this"
           f" transformation's init, got {type(state).__name__}.")
     plan, paths, leaves, treedef = plan_for(updates)
-    check_state(plan, paths, leaves, state)
     specs, family_specs = _sharding.update_specs(plan, state.stats, leaves,
                                                  shard_axes)
+    check_state(plan, paths, leaves, state, specs)
     core = functools.partial(update_core, plan=plan, specs=specs,
                              family_specs=family_specs)
     new_leaves, new_state = _sharding.in_auto_mode(core)(leaves, state, floats)
@@ -322,14 +323,17 @@ def _apply_root(block: jax.Array, root: jax.Array, axis: int,
 
 
 def _gradient_blocks(plan, stacked, specs):
-  """Blocks of every piece of every preconditioned family, pinned."""
+  """Blocks of every piece of every preconditioned family, laid out as the
+  piece's factors are (`_sharding.to_layout`) and pinned."""
   out = {}
   for index, factor in enumerate(plan.factors):
     key = (factor.family, factor.piece)
     if key not in out:
       piece = plan.families[factor.family].pieces[factor.piece]
-      out[key] = _sharding.constrain(
-          _blocks.blocks_of(stacked[factor.family], piece), specs[index])
+      out[key] = _sharding.constrain(_sharding.to_layout(
+          _blocks.blocks_of(stacked[factor.family], piece),
+          factor.batch_shape, _sharding.layout_batch_shape(
+              factor, specs[index])), specs[index])
   return out
 
 
@@ -339,7 +343,7 @@ def _update_statistics(plan, blocks, stats, update_now, b2, specs):
   def contributions(blocks):
     return [
         _sharding.constrain(
-            _gram(blocks[(f.family, f.piece)], f.axis, len(f.batch_shape)),
+            _gram(blocks[(f.family, f.piece)], f.axis, len(spec)),
             spec)
         for f, spec in zip(plan.factors, specs)
     ]
@@ -382,6 +386,9 @@ def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,
   call. A root that is not finite or whose error exceeds ``max_root_error``
   is rejected and the previous one kept.
 
+  Padding rows (`_sharding.valid_rows`) keep their zeros and report
+  nothing.
+
   Returns:
     New roots, new ``refreshed_at``, and per row the error of the root
     computed in this call (0 where none was) and whether it was rejected.
@@ -389,14 +396,15 @@ def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,
   buckets = {}
   for index, factor in enumerate(plan.factors):
     buckets.setdefault((factor.dim, factor.exponent), []).append(index)
-  nbatch = [len(f.batch_shape) for f in plan.factors]
+  nbatch = [len(s) for s in specs]
 
   def body(arrays, replicated):
     (lo, hi), count, eps, max_error = replicated
-    root_shapes, batch_shapes = ([x.shape for x in xs] for xs in arrays[1:])
+    root_shapes, batch_shapes = (
+        [x.shape for x in xs] for xs in arrays[1:3])
     # Flat [rows, ...] views of this device's blocks: rows are what shares cut.
-    stats, roots, refreshed_at = ([_rows(x, n) for x, n in zip(xs, nbatch)]
-                                  for xs in arrays)
+    stats, roots, refreshed_at, valid = (
+        [_rows(x, n) for x, n in zip(xs, nbatch)] for xs in arrays)
     take = jax.lax.dynamic_slice_in_dim
     put = lambda x, rows, start: jax.lax.dynamic_update_slice_in_dim(
         x, rows, start, 0)
@@ -426,14 +434,17 @@ def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,
         for i, (start, size) in zip(members, shares):
           part = slice(offset, offset + size)
           offset += size
+          own = take(valid[i], start, size)
           old = take(roots[i], start, size)
-          accept = ok[part].reshape((size,) + (1,) * (old.ndim - 1))
+          accept = (ok[part] & own).reshape((size,) + (1,) * (old.ndim - 1))
           roots[i] = put(roots[i], jnp.where(
               accept, new_roots[part].astype(old.dtype), old), start)
           refreshed_at[i] = put(refreshed_at[i], jnp.where(
-              ok[part], count, take(refreshed_at[i], start, size)), start)
-          errors[i] = put(errors[i], result.error[part], start)
-          rejected[i] = put(rejected[i], ~ok[part], start)
+              ok[part] & own, count, take(refreshed_at[i], start, size)),
+                                start)
+          errors[i] = put(errors[i], jnp.where(own, result.error[part], 0.0),
+                          start)
+          rejected[i] = put(rejected[i], ~ok[part] & own, start)
       return roots, refreshed_at, errors, rejected
 
     per_row = lambda dtype: [jnp.zeros(x.shape[:1], dtype)
@@ -443,8 +454,10 @@ def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,
     return tuple([x.reshape(shape) for x, shape in zip(xs, shapes)]
                  for xs, shapes in zip(out, (root_shapes,) + (batch_shapes,) * 3))
 
+  valid = [_sharding.valid_rows(f, x.shape)
+           for f, x in zip(plan.factors, refreshed_at)]
   return _sharding.map_blocks(
-      body, specs, (list(stats), list(roots), list(refreshed_at)),
+      body, specs, (list(stats), list(roots), list(refreshed_at), valid),
       (phases, count, floats.matrix_eps, floats.max_root_error),
       num_outputs=4)
 
@@ -453,14 +466,14 @@ def _precondition(plan, blocks, roots, specs):
   """``G x_1 S_1^(-1/p) ... x_k S_k^(-1/p)`` of every block, per family."""
   out = {}
   for (family, piece), block in blocks.items():
-    for index, factor in plan.factors_of(family):
-      if factor.piece != piece:
-        continue
+    factors = [(i, f) for i, f in plan.factors_of(family) if f.piece == piece]
+    for index, factor in factors:
       root = _symmetric.unpack(roots[index], factor.dim).astype(jnp.float32)
       block = _sharding.constrain(
-          _apply_root(block, root, factor.axis, len(factor.batch_shape)),
+          _apply_root(block, root, factor.axis, len(specs[index])),
           specs[index])
-    out[(family, piece)] = block
+    out[(family, piece)] = _sharding.from_layout(
+        block, factor.batch_shape, roots[index].shape[:-2])
   return {
       f: _blocks.assemble([out[(f, p)] for p in range(len(fam.pieces))],
                           fam.pieces)
@@ -510,6 +523,45 @@ def _count_true(masks) -> jax.Array:
   """The number of true entries over a list of boolean arrays, int32."""
   return sum((jnp.sum(m, dtype=jnp.int32) for m in masks),
              jnp.zeros([], jnp.int32))
+
+
+def _factor_placement(plan, leaves, shard_axes):
+  """For ``init``: per-factor arrays ``[*batch, ...]`` laid out and split.
+
+  Returns a function of one array per factor (in the factor's own batch
+  shape) that returns them in their layout (padding rows are zeros) and
+  pinned to their split (`_sharding.factor_batch_specs`).
+  """
+  specs = _sharding.factor_batch_specs(
+      plan, [_sharding.leaf_spec(x) for x in leaves], shard_axes)
+  return lambda arrays: tuple(
+      _sharding.constrain(_sharding.to_layout(
+          x, f.batch_shape, _sharding.layout_batch_shape(f, spec)), spec)
+      for x, f, spec in zip(arrays, plan.factors, specs))
+
+
+def _check_layout(transform, plan, stats, specs):
+  """Raises unless the statistics have the shapes the plan and split need."""
+  expected = [_sharding.layout_batch_shape(f, spec)
+              + f.shape[len(f.batch_shape):]
+              for f, spec in zip(plan.factors, specs)]
+  got = [tuple(s.shape) for s in stats]
+  if got == expected:
+    return
+  if got == [f.shape for f in plan.factors]:
+    raise ValueError(
+        f"{transform}: the state is in the checkpoint layout (unpadded), but"
+        " on this mesh some statistics are stored as padded rows"
+        f" ({expected}). After restoring a checkpoint call"
+        " shampoo_optax.pad_state(tx, params, state, mesh).")
+  raise ValueError(
+      f"{transform}: the state's statistics have shapes {got}, but these"
+      f" options, updates and mesh need {expected}: the state was made with"
+      " other options (block_size, max_precondition_dim, exponent_override,"
+      " layer_axes), for other parameters or for another mesh. Call init"
+      " with this transformation, or build it with the options the state was"
+      " made with; a checkpoint moves between meshes with"
+      " shampoo_optax.unpad_state and shampoo_optax.pad_state.")
 
 
 def _family_zeros(plan, leaves, dtype) -> tuple[jax.Array, ...]:
@@ -666,11 +718,8 @@ def scale_by_shampoo(
 
   def init_fn(params):
     plan, _, leaves, _ = plan_for(params)
-    specs = _sharding.factor_batch_specs(
-        plan, [_sharding.leaf_spec(x) for x in leaves], shard_axes)
+    place = _factor_placement(plan, leaves, shard_axes)
     eye = lambda f: _symmetric.pack(jnp.eye(f.dim, dtype=preconditioner_dtype))
-    place = lambda xs: tuple(_sharding.constrain(x, s)
-                             for x, s in zip(xs, specs))
     per_family = functools.partial(_family_zeros, plan, leaves)
 
     return ShampooState(
@@ -691,9 +740,7 @@ def scale_by_shampoo(
         ),
     )
 
-  def check_state(plan, paths, leaves, state):
-    expected = [f.shape for f in plan.factors]
-    got = [tuple(s.shape) for s in state.stats]
+  def check_state(plan, paths, leaves, state, specs):
     # A traced b1 (optax.inject_hyperparams) momentum iff init made it.
     for name, field, wanted in (("graft", state.graft,
                                  _grafting.has_accumulator(graft)),
@@ -716,14 +763,7 @@ def scale_by_shampoo(
             f"{families}, the state's as {[tuple(x.shape) for x in field]};"
             " leaves: "
             f"{[(jax.tree_util.keystr(k), tuple(x.shape)) for k, x in zip(paths, leaves)]}.")
-    if got != expected:
-      raise ValueError(
-          "scale_by_shampoo: the state's statistics have shapes"
-          f" {got}, but these options and updates need {expected}: the state"
-          " was made with other options (block_size, max_precondition_dim,"
-          " exponent_override, layer_axes) or for other parameters. Call"
-          " init with this transformation, or build it with the options the"
-          " state was made with.")
+    _check_layout("scale_by_shampoo", plan, state.stats, specs)
 
   def update_core(leaves, state, floats, plan, specs, family_specs):
     floats = _Floats(*(jnp.asarray(x, jnp.float32) for x in floats))

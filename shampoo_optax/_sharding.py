@@ -19,13 +19,22 @@ mesh axes chosen once, from shapes and the parameters' shardings:
    ``shard_axes`` not used by step 1 split the first batch axis that is
    still whole and divisible by their size. The update is then gathered
    once (the only collective a data-parallel update needs).
-3. Otherwise the factor is whole on every device.
+3. **Pad what divides nowhere** (`jax.jit` needs even shards): when no
+   batch axis is divisible and step 1 split none, the factor is stored as
+   *rows*, its batch axes flattened into one, ``[rows, *packed]``, padded
+   with zero rows to a multiple of the ``shard_axes``' size and split along
+   them (e.g. ``[12, 6, 18, ...]`` on 8 devices: 1,296 rows, none of
+   padding, where any one axis would need 33%). The update pads the
+   gradient blocks alike and drops the padding rows' results; they never
+   count as failures.
 
-Nothing is padded, so the state's shapes, and what a checkpoint holds, do
-not depend on the mesh. Within the jitted update every factor is pinned to
-its split, the roots of each device's blocks are computed under
-`jax.shard_map` (owner computes: a custom call such as LAPACK's ``eigh``
-would otherwise be free to be replicated), and no root ever moves.
+A factor's shapes depend on the mesh only in the padded case (3).
+`unpad_state` gives the state in the mesh-independent layout, to save, and
+`pad_state` brings a restored one back. Within the jitted update every
+factor is pinned to its split, the roots of each device's blocks are
+computed under `jax.shard_map` (owner computes: a custom call such as
+LAPACK's ``eigh`` would otherwise be free to be replicated), and no root
+ever moves.
 
 The mesh comes from ``jax.set_mesh(mesh)`` at trace time. With explicit axes
 the parameters' shardings are in their types and the Shampoo arithmetic runs
@@ -42,6 +51,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
@@ -100,19 +110,21 @@ def _entry(names: Sequence[str]) -> AxisEntry:
   return None if not names else names[0] if len(names) == 1 else tuple(names)
 
 
-# While set, parameters count as unsharded when choosing the factors' split:
-# `state_shardings` for an Auto mesh, whose update cannot see them (the
-# per-family state still follows them: the update does not pin it).
-_IGNORE_PARAM_SHARDINGS = []
+# Switches for tracing ``init`` abstractly, set while they apply:
+# "parameters unseen": parameters count as unsharded when choosing the
+# factors' split (`state_shardings` for an Auto mesh, whose update cannot see
+# them; the per-family state still follows them: the update does not pin it);
+# "unpadded": no factor is padded (step 3), the checkpoint layout.
+_TRACING = []
 
 
 @contextlib.contextmanager
-def _parameters_unseen():
-  _IGNORE_PARAM_SHARDINGS.append(True)
+def _tracing(switch: str):
+  _TRACING.append(switch)
   try:
     yield
   finally:
-    _IGNORE_PARAM_SHARDINGS.pop()
+    _TRACING.remove(switch)
 
 
 def leaf_spec(x) -> tuple[AxisEntry, ...]:
@@ -139,7 +151,11 @@ def factor_batch_specs(plan, leaf_specs, shard_axes) -> list[tuple]:
   Returns:
     For each factor of ``plan``, one `AxisEntry` per batch axis.
   """
-  if _IGNORE_PARAM_SHARDINGS:
+  unpadded = "unpadded" in _TRACING
+  shapes_only = unpadded and not jax.sharding.get_abstract_mesh().axis_names
+  if shapes_only:  # The checkpoint layout's shapes (`unpad_state`).
+    shard_axes = None
+  if shapes_only or "parameters unseen" in _TRACING:
     leaf_specs = [(None,) * len(s) for s in leaf_specs]
   sizes = {}
   if shard_axes is not None or any(any(s) for s in leaf_specs):
@@ -175,8 +191,52 @@ def factor_batch_specs(plan, leaf_specs, shard_axes) -> list[tuple]:
         if batch[axis] is None and n % size(rest) == 0:
           batch[axis] = _entry(rest)
           break
+      else:
+        if not unpadded and not any(batch) and factor.count > 1:
+          batch = [_entry(rest)]  # Rows, padded (step 3).
     specs.append(tuple(batch))
   return specs
+
+
+def is_rows(factor, batch_spec) -> bool:
+  """Whether a factor split as ``batch_spec`` is stored as padded rows."""
+  return len(batch_spec) != len(factor.batch_shape)
+
+
+def layout_batch_shape(factor, batch_spec) -> tuple[int, ...]:
+  """The factor's batch shape in memory: its own, or its padded rows."""
+  if not is_rows(factor, batch_spec):
+    return factor.batch_shape
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  k = math.prod(sizes[a] for a in _names(batch_spec[0]))
+  return (-(-factor.count // k) * k,)
+
+
+def to_layout(x: jax.Array, batch_shape, layout_batch) -> jax.Array:
+  """``[*batch_shape, ...]`` in the layout ``layout_batch`` (see `is_rows`).
+
+  Rows are the batch axes flattened, then zeros up to ``layout_batch[0]``.
+  """
+  if tuple(layout_batch) == tuple(batch_shape):
+    return x
+  rows = x.reshape((-1,) + x.shape[len(batch_shape):])
+  return jnp.pad(rows, [(0, layout_batch[0] - rows.shape[0])]
+                 + [(0, 0)] * (rows.ndim - 1))
+
+
+def from_layout(x: jax.Array, batch_shape, layout_batch) -> jax.Array:
+  """Inverse of `to_layout`: the first rows, in ``batch_shape``."""
+  if tuple(layout_batch) == tuple(batch_shape):
+    return x
+  rows = x[:math.prod(batch_shape)]
+  return rows.reshape(tuple(batch_shape) + x.shape[len(layout_batch):])
+
+
+def valid_rows(factor, layout_batch) -> jax.Array:
+  """True on the factor's own rows, False on padding rows."""
+  count = math.prod(layout_batch)
+  return (jnp.arange(count) < factor.count).reshape(layout_batch)
 
 
 def family_spec(plan, family: int, leaf_specs) -> tuple[AxisEntry, ...]:
@@ -213,8 +273,7 @@ def update_specs(plan, stats, leaves, shard_axes):
   if not explicit_axes_in_context():
     return factor_batch_specs(plan, [(None,) * x.ndim for x in leaves],
                               shard_axes), None
-  specs = [leaf_spec(s)[:len(f.batch_shape)]
-           for s, f in zip(stats, plan.factors)]
+  specs = [leaf_spec(s)[:s.ndim - 2] for s in stats]
   leaf_specs = [leaf_spec(x) for x in leaves]
   return specs, [family_spec(plan, f, leaf_specs)
                  for f in range(len(plan.families))]
@@ -368,29 +427,150 @@ def state_shardings(tx, params, mesh, param_shardings=None):
   return _traced_init(tx, params, mesh, param_shardings)[1]
 
 
-def abstract_state(tx, params, mesh=None, param_shardings=None):
+def abstract_state(tx, params, mesh=None, param_shardings=None, *,
+                   padded: bool = True):
   """``tx.init(params)`` as `jax.ShapeDtypeStruct`s with their shardings.
 
-  The target of a (strict) Orbax restore: the state's shapes do not depend
-  on the mesh, so a checkpoint written on any mesh restores onto ``mesh``.
-  Without a mesh it is ``jax.eval_shape(tx.init, params)``.
+  With ``padded=False``, the checkpoint layout: the state as `unpad_state`
+  gives it, whose shapes do not depend on the mesh. That is the target of
+  a strict Orbax restore onto ``mesh`` (then `pad_state`), whatever the mesh
+  the checkpoint was written on. Its factors that are padded rows in memory
+  are split along their last axis the mesh axes divide, if any, so that
+  saving and restoring do not gather them. Without a mesh it is
+  ``jax.eval_shape(tx.init, params)``.
 
   Args:
     tx: an ``optax.GradientTransformation``.
     params: the parameters, as arrays or `jax.ShapeDtypeStruct`s.
     mesh: a `jax.sharding.Mesh`, or ``None``.
     param_shardings: as for `state_shardings`.
+    padded: the layout in memory (``True``) or the checkpoint layout.
 
   Returns:
     A pytree of `jax.ShapeDtypeStruct` with the structure of
     ``tx.init(params)``.
   """
-  if mesh is None:
-    return jax.eval_shape(tx.init, params)
-  shapes, shardings = _traced_init(tx, params, mesh, param_shardings)
+  with contextlib.nullcontext() if padded else _tracing("unpadded"):
+    if mesh is None:
+      return jax.eval_shape(tx.init, params)
+    shapes, shardings = _traced_init(tx, params, mesh, param_shardings)
+  if not padded:
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    in_memory, memory_shardings = _traced_init(tx, params, mesh,
+                                               param_shardings)
+    shardings = jax.tree.map(
+        lambda x, s, m, ms: s if x.shape == m.shape else NamedSharding(
+            mesh, _split_last_divisible(x.shape, ms.spec[0], sizes)),
+        shapes, shardings, in_memory, memory_shardings)
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       shapes, shardings)
+
+
+def _split_last_divisible(shape, entry: AxisEntry, sizes) -> PartitionSpec:
+  """``entry`` on the last axis of ``shape`` it divides (none: replicated)."""
+  k = math.prod(sizes[a] for a in _names(entry))
+  for axis in reversed(range(len(shape))):
+    if shape[axis] % k == 0:
+      return PartitionSpec(*(None,) * axis, entry)
+  return PartitionSpec()
+
+
+def _conform(x: jax.Array, shape) -> jax.Array:
+  """``x`` moved between a factor's own layout and its padded rows."""
+  if tuple(x.shape) == tuple(shape):
+    return x
+  if x.ndim > len(shape):  # Into rows ``[rows, *rest]``.
+    return to_layout(x, x.shape[:x.ndim - len(shape) + 1], shape[:1])
+  return from_layout(x, shape[:len(shape) - x.ndim + 1], x.shape[:1])
+
+
+def _relaid(state, target, source, mesh, what: str):
+  """``state`` (whose shapes must be ``source``'s) in ``target``'s layout."""
+  paths = jax.tree_util.tree_flatten_with_path(state)[0]
+  flat_source = jax.tree.leaves(source)
+  if len(paths) != len(flat_source):
+    raise ValueError(
+        f"{what}: the state has {len(paths)} arrays, but tx.init(params)"
+        f" makes {len(flat_source)}: it is the state of another"
+        " transformation or of other parameters.")
+  for (path, x), s in zip(paths, flat_source):
+    if tuple(x.shape) != tuple(s.shape):
+      raise ValueError(
+          f"{what}: state{jax.tree_util.keystr(path)} has shape"
+          f" {tuple(x.shape)}, expected {tuple(s.shape)}: the state was made"
+          " with other options, for other parameters or (unpad_state) for"
+          " another mesh.")
+  shapes = [t.shape for t in jax.tree.leaves(target)]
+  treedef = jax.tree.structure(state)
+
+  def relay(state):
+    return jax.tree.unflatten(treedef, [
+        _conform(x, shape) for x, shape in zip(jax.tree.leaves(state), shapes)])
+
+  if mesh is None:
+    return jax.jit(relay)(state)
+  # On Auto axes: a slice or pad of a split axis is not even, which explicit
+  # sharding rejects; the partitioner moves the rows instead.
+  auto = lambda s: NamedSharding(_auto(mesh), s.spec)
+  with jax.set_mesh(_auto(mesh)):
+    out = jax.jit(relay, out_shardings=jax.tree.map(
+        lambda t: auto(t.sharding), target))(jax.tree.map(
+            lambda x: jax.device_put(x, auto(x.sharding)), state))
+  return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), out, target)
+
+
+def _auto(mesh):
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                           axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def unpad_state(tx, params, state):
+  """The state in the checkpoint layout: no padding rows, mesh-independent.
+
+  On a mesh some factors are stored as padded rows (see the module
+  docstring); call this on the training state before saving it, and
+  `pad_state` after restoring it (onto any mesh, through
+  ``abstract_state(..., padded=False)``). Without padding rows it returns
+  the state as it is. The arrays stay split over the state's mesh.
+
+  Args:
+    tx: the ``optax.GradientTransformation`` the state belongs to.
+    params: the parameters (arrays or `jax.ShapeDtypeStruct`s, with their
+      shardings as in training).
+    state: ``tx``'s state, as the train step returns it.
+
+  Returns:
+    The state with the shapes of ``abstract_state(tx, params, mesh,
+    padded=False)``.
+  """
+  mesh = next((x.sharding.mesh for x in jax.tree.leaves(state)
+               if isinstance(getattr(x, "sharding", None), NamedSharding)),
+              None)
+  return _relaid(
+      state, abstract_state(tx, params, mesh, padded=False),
+      abstract_state(tx, params, mesh), mesh, "unpad_state")
+
+
+def pad_state(tx, params, state, mesh=None, param_shardings=None):
+  """A state in the checkpoint layout (`unpad_state`), laid out for ``mesh``.
+
+  Args:
+    tx: the ``optax.GradientTransformation`` the state belongs to.
+    params: the parameters, as arrays or `jax.ShapeDtypeStruct`s.
+    state: a state with the shapes of ``abstract_state(tx, params, mesh,
+      padded=False)``, e.g. restored from a checkpoint.
+    mesh: the `jax.sharding.Mesh` to train on, or ``None`` for one device.
+    param_shardings: as for `state_shardings`.
+
+  Returns:
+    The state with the shapes and shardings of ``abstract_state(tx, params,
+    mesh, param_shardings)``, ready for the train step.
+  """
+  return _relaid(
+      state, abstract_state(tx, params, mesh, param_shardings),
+      abstract_state(tx, params, mesh, param_shardings, padded=False), mesh,
+      "pad_state")
 
 
 def _traced_init(tx, params, mesh, param_shardings):
@@ -431,7 +611,7 @@ def _traced_init(tx, params, mesh, param_shardings):
 
   auto = any(t == AxisType.Auto for t in mesh.axis_types)
   with jax.set_mesh(explicit), (
-      _parameters_unseen() if auto else contextlib.nullcontext()):
+      _tracing("parameters unseen") if auto else contextlib.nullcontext()):
     shapes = jax.eval_shape(init_specs, abstract_params)
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                         shapes)

@@ -127,14 +127,15 @@ def _refresh_bases(plan, stats, bases, now, specs, *, method: str):
   """New bases where ``now``: ``"eigh"`` of, or ``"qr"`` power step on, S.
 
   Computed on each device for its own blocks (`_sharding.map_blocks`). A
-  non-finite basis is rejected and the previous one kept.
+  non-finite basis is rejected and the previous one kept; padding rows keep
+  their zeros.
 
   Returns:
     The bases, per factor the column order ``[n, *grid, d]`` applied to the
     previous basis (the identity where nothing changed), and per factor
     whether each block's new basis was rejected.
   """
-  nbatch = [len(f.batch_shape) for f in plan.factors]
+  nbatch = [len(s) for s in specs]
 
   def body(arrays, replicated):
     (now,) = replicated
@@ -143,6 +144,7 @@ def _refresh_bases(plan, stats, bases, now, specs, *, method: str):
              for s, n, f in zip(arrays[0], nbatch, plan.factors)]
     old = [_shampoo._rows(q, n).astype(jnp.float32)  # pylint: disable=protected-access
            for q, n in zip(arrays[1], nbatch)]
+    valid = [_shampoo._rows(v, n) for v, n in zip(arrays[2], nbatch)]  # pylint: disable=protected-access
     identity = [jnp.broadcast_to(jnp.arange(f.dim), q.shape[:-1])
                 for f, q in zip(plan.factors, old)]
 
@@ -160,59 +162,71 @@ def _refresh_bases(plan, stats, bases, now, specs, *, method: str):
         lambda _, old: [(jnp.zeros_like(q), i) for q, i in zip(old, identity)],
         stats, old)
     new_bases, orders, rejected = [], [], []
-    for (q, order), prev, ident, shape in zip(fresh, old, identity, shapes):
-      ok = now & jnp.all(jnp.isfinite(q), axis=(-2, -1))
+    for (q, order), prev, ident, own, shape in zip(fresh, old, identity, valid,
+                                                  shapes):
+      finite = jnp.all(jnp.isfinite(q), axis=(-2, -1))
+      ok = now & finite & own
       new_bases.append(jnp.where(ok[:, None, None], q, prev).reshape(shape))
       orders.append(jnp.where(ok[:, None], order, ident).reshape(shape[:-1]))
-      rejected.append((now & ~ok).reshape(shape[:-2]))
+      rejected.append((now & ~finite & own).reshape(shape[:-2]))
     return new_bases, orders, rejected
 
+  valid = [_sharding.valid_rows(f, b.shape[:-2])
+           for f, b in zip(plan.factors, bases)]
   new_bases, orders, rejected = _sharding.map_blocks(
-      body, specs, (list(stats), list(bases)), (now,), num_outputs=3)
+      body, specs, (list(stats), list(bases), valid), (now,), num_outputs=3)
   return ([q.astype(b.dtype) for q, b in zip(new_bases, bases)], orders,
           rejected)
+
+
+def _per_block(plan, family: int, x: jax.Array, apply, specs) -> jax.Array:
+  """``x`` ``[units, *shape]`` with ``apply(block, index, factor, nbatch)``
+  applied to every piece's blocks for each of its factors in turn.
+
+  The blocks are laid out as their factors (`_sharding.to_layout`), so that
+  each device works on its own rows.
+  """
+  fam = plan.families[family]
+  out = []
+  for p, piece in enumerate(fam.pieces):
+    factors = [(i, f) for i, f in plan.factors_of(family) if f.piece == p]
+    layout = _sharding.layout_batch_shape(factors[0][1], specs[factors[0][0]])
+    block = _sharding.to_layout(_blocks.blocks_of(x, piece),
+                                factors[0][1].batch_shape, layout)
+    for index, factor in factors:
+      block = _sharding.constrain(
+          apply(block, index, factor, len(specs[index])), specs[index])
+    out.append(_sharding.from_layout(block, factors[0][1].batch_shape,
+                                     layout))
+  return _blocks.assemble(out, fam.pieces)
 
 
 def _rotate(plan, family: int, x: jax.Array, matrices, specs) -> jax.Array:
   """``x`` ``[units, *shape]`` with every block's axes multiplied.
 
-  Axis ``i`` of each block is multiplied by ``matrices(index)`` (``[n, *grid,
+  Axis ``i`` of each block is multiplied by ``matrices(index)`` (``[*batch,
   d, d]``, ``index`` the factor), ``y[z] = sum_a M[z, a] x[a]``.
   """
-  fam = plan.families[family]
-  out = []
-  for p, piece in enumerate(fam.pieces):
-    block = _blocks.blocks_of(x, piece)
-    for index, factor in plan.factors_of(family):
-      if factor.piece == p:
-        block = _sharding.constrain(
-            _shampoo._apply_root(block, matrices(index), factor.axis,  # pylint: disable=protected-access
-                                 len(factor.batch_shape)), specs[index])
-    out.append(block)
-  return _blocks.assemble(out, fam.pieces)
+  return _per_block(
+      plan, family, x,
+      lambda block, index, factor, nbatch: _shampoo._apply_root(  # pylint: disable=protected-access
+          block, matrices(index), factor.axis, nbatch), specs)
 
 
 def _permute(plan, family: int, x: jax.Array, orders, specs) -> jax.Array:
   """``x`` ``[units, *shape]`` with each block's axes reordered.
 
-  Axis ``i`` of each block takes the order ``orders[index]`` (``[n, *grid,
+  Axis ``i`` of each block takes the order ``orders[index]`` (``[*batch,
   d]``, ``index`` the factor): ``y[j] = x[order[j]]``.
   """
-  fam = plan.families[family]
-  out = []
-  for p, piece in enumerate(fam.pieces):
-    block = _blocks.blocks_of(x, piece)
-    for index, factor in plan.factors_of(family):
-      if factor.piece == p:
-        nbatch = len(factor.batch_shape)
-        axis = nbatch + factor.axis
-        order = jnp.expand_dims(orders[index], tuple(
-            nbatch + a for a in range(len(piece.block)) if a != factor.axis))
-        block = _sharding.constrain(jnp.take_along_axis(
-            block, jnp.broadcast_to(order, block.shape), axis=axis),
-                                    specs[index])
-    out.append(block)
-  return _blocks.assemble(out, fam.pieces)
+
+  def apply(block, index, factor, nbatch):
+    order = jnp.expand_dims(orders[index], tuple(
+        nbatch + a for a in range(block.ndim - nbatch) if a != factor.axis))
+    return jnp.take_along_axis(block, jnp.broadcast_to(order, block.shape),
+                               axis=nbatch + factor.axis)
+
+  return _per_block(plan, family, x, apply, specs)
 
 
 def scale_by_soap(
@@ -315,10 +329,7 @@ def scale_by_soap(
 
   def init_fn(params):
     plan, _, leaves, _ = plan_for(params)
-    specs = _sharding.factor_batch_specs(
-        plan, [_sharding.leaf_spec(x) for x in leaves], shard_axes)
-    place = lambda xs: tuple(_sharding.constrain(x, s)
-                             for x, s in zip(xs, specs))
+    place = _shampoo._factor_placement(plan, leaves, shard_axes)  # pylint: disable=protected-access
     zeros = functools.partial(_shampoo._family_zeros, plan, leaves,  # pylint: disable=protected-access
                               jnp.float32)
     return SoapState(
@@ -337,18 +348,16 @@ def scale_by_soap(
         ),
     )
 
-  def check_state(plan, paths, leaves, state):
+  def check_state(plan, paths, leaves, state, specs):
     del paths, leaves
-    stats = [tuple(s.shape) for s in state.stats]
     families = [tuple(m.shape) for m in state.mu]
-    if (stats != [f.shape for f in plan.factors]
-        or families != [(fam.units,) + fam.shape for fam in plan.families]):
+    if families != [(fam.units,) + fam.shape for fam in plan.families]:
       raise ValueError(
           "scale_by_soap: the state was made for other parameters or options"
-          f" (statistics {stats}, moments {families}; these updates need"
-          f" {[f.shape for f in plan.factors]} and"
+          f" (moments {families}; these updates need"
           f" {[(fam.units,) + fam.shape for fam in plan.families]}). Call"
           " init with this transformation.")
+    _shampoo._check_layout("scale_by_soap", plan, state.stats, specs)  # pylint: disable=protected-access
 
   def update_core(leaves, state, floats, plan, specs, family_specs):
     b1, b2, eps, beta_s = (jnp.asarray(x, jnp.float32) for x in floats)

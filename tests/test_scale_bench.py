@@ -114,7 +114,10 @@ def test_tiny_decoder_measurement():
   assert shampoo["roots_per_device"] == sum(
       math.prod(x.sharding.shard_shape(x.shape)[:-2])
       for x in inner.stats) > 0
-  assert 0 < shampoo["roots_per_phase"] < shampoo["roots_per_device"]
+  # Each device's rows of every factor, cut into precondition_every shares.
+  assert shampoo["roots_per_phase"] == sum(
+      -(-math.prod(x.sharding.shard_shape(x.shape)[:-2]) // 20)
+      for x in inner.stats) > 0
   assert shampoo["refresh_share_bytes"] > 0
   assert r["model_matches_measured"]
   assert [m["devices"] for m in r["model"]] == [8, 64, 256] * 2

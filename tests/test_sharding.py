@@ -25,16 +25,17 @@ pytestmark = pytest.mark.multidevice
 # Block 8. "layers" is 8 stacked 16 x 16 layers (2 x 2 blocks each), "w1" is
 # 8 x 2 blocks, "w2" 3 x 2 blocks; "b" is diagonal. On 8 devices the factors
 # of "layers" split along their units, those of "w1" along its block rows
-# (as FSDP splits w1 itself), and those of "w2" (no axis 8 divides) stay
-# whole.
+# (as FSDP splits w1 itself), and those of "w2" (no axis 8 divides) are
+# stored as its 6 blocks' rows padded to 8, one per device.
 SHAPES = {"layers": (8, 16, 16), "w1": (64, 16), "w2": (24, 16), "b": (16,)}
 LAYER_AXES = {"layers": 0, "w1": None, "w2": None, "b": None}
 OPTIONS = dict(block_size=8, precondition_every=2, start_preconditioning_step=1,
                layer_axes=LAYER_AXES)
-# The split of each factor's batch axes [units, *grid] on 8 devices, in the
-# order of the state: layers (2 factors), w1 (2), w2 (2).
+# The split of each factor's batch axes on 8 devices, in the order of the
+# state: layers (2 factors), w1 (2), w2 (2, as rows).
 SPLIT_8 = [("data", None, None)] * 2 + [(None, "data", None)] * 2 + [
-    (None, None, None)] * 2
+    ("data",)] * 2
+BATCH_8 = [(8, 2, 2)] * 2 + [(1, 8, 2)] * 2 + [(8,)] * 2
 
 
 def make_params(seed=0):
@@ -120,13 +121,14 @@ def test_explicit_sharding_types_stable_and_split(layout):
     assert jax.tree.map(jax.typeof, new_state) == types
   shampoo_state = state[0]
   assert [s.shape for s in shampoo_state.stats] == [
-      (8, 2, 2, 9, 4)] * 2 + [(1, 8, 2, 9, 4)] * 2 + [(1, 3, 2, 9, 4)] * 2
+      b + (9, 4) for b in BATCH_8]
   for i, split in enumerate(SPLIT_8):
     for stack in (shampoo_state.stats[i], shampoo_state.preconditioners[i],
                   shampoo_state.refreshed_at[i]):
-      assert tuple(jax.typeof(stack).sharding.spec)[:3] == split
+      spec = tuple(jax.typeof(stack).sharding.spec)
+      assert (spec + (None,) * 3)[:len(split)] == split
       local = tuple(n // (8 if a else 1) for n, a in zip(stack.shape, split))
-      assert shard_shapes(stack) == {local + stack.shape[3:]}
+      assert shard_shapes(stack) == {local + stack.shape[len(split):]}
   for name, leaf in updates.items():
     assert leaf.sharding.spec == params[name].sharding.spec, name
   # Grafting and momentum: one [units, *shape] array per family (b, layers,
@@ -171,7 +173,7 @@ def test_pjit_way_with_state_shardings_in_a_chain():
   # factors split over shard_axes alone, here alike.
   for i, split in enumerate(SPLIT_8):
     for sharding in (shampoo_sh.stats[i], shampoo_sh.preconditioners[i]):
-      assert same(sharding, NamedSharding(mesh, P(*split)), 5)
+      assert same(sharding, NamedSharding(mesh, P(*split)), len(split) + 2)
   # Per-family state follows the parameters (layers, w1 and w2 split by
   # rows), as the update does not pin it.
   for tree in (shampoo_sh.mu, shampoo_sh.graft):
@@ -212,9 +214,11 @@ def test_numerics_do_not_depend_on_device_count(root_method, counts):
     with jax.set_mesh(mesh_of(count)):
       params = make_params()
       outs, state = run_steps(tx, params, 2)
-    # The shapes do not depend on the mesh either.
-    assert [s.shape for s in state[0].stats] == [
-        s.shape for s in single_device_state().stats]
+    # Without its padding rows, the state does not depend on the mesh.
+    with jax.set_mesh(mesh_of(count)):
+      unpadded = shampoo_optax.unpad_state(tx, params, state)
+    for a, e in zip(unpadded[0].stats, single_device_state().stats):
+      assert a.shape == e.shape
     assert_updates_close(outs, expected)
 
 
@@ -268,33 +272,40 @@ def _param_bytes(names):
   return sum(4 * int(np.prod(SHAPES[n])) for n in names)
 
 
+# w2's blocks as padded rows: 8 blocks of 8 x 8.
+_W2_PADDED = 4 * 8 * 8 * 8
+
+
 @pytest.mark.parametrize("root_method", ["eigh", "newton"])
 def test_data_parallel_step_inverts_local_rows_and_moves_no_roots(
     root_method):
   hlo = _compiled_step(root_method).as_text()
-  # No device holds a whole split factor: layers' [8, 2, 2, 9, 4] is
-  # [1, 2, 2, 9, 4] per device, w1's [1, 8, 2, 9, 4] is [1, 1, 2, 9, 4].
-  assert "f32[8,2,2,9,4]" not in hlo and "f32[1,8,2,9,4]" not in hlo
+  # No device holds a whole factor: layers' [8, 2, 2, 9, 4] is
+  # [1, 2, 2, 9, 4] per device, w1's [1, 8, 2, 9, 4] is [1, 1, 2, 9, 4],
+  # w2's [1, 3, 2, 9, 4] is 6 rows, padded to [8, 9, 4]: [1, 9, 4].
+  for whole in ("8,2,2,9,4", "1,8,2,9,4", "1,3,2,9,4", "8,9,4"):
+    assert f"f32[{whole}]" not in hlo, whole
   assert "f32[1,2,2,9,4]" in hlo and "f32[1,1,2,9,4]" in hlo
+  assert "f32[1,9,4]" in hlo
   # Every 8 x 8 root of a device's share is one batch: layers 2 x 4, w1
-  # 2 x 2, and w2 (whole on every device) 2 x 6 matrices.
+  # 2 x 2, and w2 2 x 1 matrices.
   if root_method == "eigh":
-    # CPU LAPACK, one matrix at a time, looping over the 24 rows.
+    # CPU LAPACK, one matrix at a time, looping over the 14 rows.
     eighs = re.findall(r"= \(f32\[([\d,]*)\].*lapack_ssyevd", hlo)
     assert eighs and set(eighs) <= {"8,8"}, eighs
-    assert any("f32[24,8,8]" in line for line in hlo.splitlines()
+    assert any("f32[14,8,8]" in line for line in hlo.splitlines()
                if " while(" in line)
   else:
     newton = {int(n) for n in re.findall(r"f32\[(\d+),8,8\]\{[\d,]*\} dot\(",
                                          hlo)}
-    assert max(newton) == 24, newton
+    assert max(newton) == 14, newton
   # Roots never move; the one large collective is the all-gather of the
-  # update (the preconditioned blocks of the split factors), the rest are
-  # scalars and per-unit norms.
+  # update (the preconditioned blocks, w2's padding rows included), the rest
+  # are scalars and per-unit norms.
   collectives = _collectives(hlo)
   assert {op for op, _ in collectives} <= {"all-gather", "all-reduce"}
   gathered = sum(b for op, b in collectives if op == "all-gather")
-  assert gathered <= _param_bytes(("layers", "w1")), collectives
+  assert gathered <= _param_bytes(("layers", "w1")) + _W2_PADDED, collectives
   assert all(b <= 4 * 8 for op, b in collectives if op == "all-reduce")
 
 
@@ -302,11 +313,12 @@ def test_fsdp_step_gathers_no_gradient():
   """FSDP: statistics, roots and preconditioning stay on the shard."""
   compiled = _compiled_step("eigh", fsdp=True)
   collectives = _collectives(compiled.as_text())
-  # w2 (split 3 rows per device, not whole blocks) is reshuffled into its
-  # blocks; nothing of "layers" or "w1" crosses devices but scalars and
-  # per-unit norms.
+  # w2 (split 3 rows per device, not whole blocks) is gathered, cut into
+  # blocks of which each device preconditions its own (padded) row, and
+  # gathered back; nothing of "layers" or "w1" crosses devices but scalars
+  # and per-unit norms.
   moved = sum(b for op, b in collectives if op != "all-reduce")
-  assert moved <= 2 * _param_bytes(("w2",)), collectives
+  assert moved <= _param_bytes(("w2",)) + _W2_PADDED, collectives
   assert all(b <= 4 * 8 for op, b in collectives if op == "all-reduce"), (
       collectives)
 
@@ -319,11 +331,12 @@ def test_orbax_restore_onto_other_device_counts(tmp_path):
   def restore(path, count):
     mesh = mesh_of(count)
     params = jax.device_put(make_params(), NamedSharding(mesh, P()))
-    target = shampoo_optax.abstract_state(tx, params, mesh)
+    target = shampoo_optax.abstract_state(tx, params, mesh, padded=False)
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-      # Strict: the state's shapes do not depend on the mesh.
+      # Strict: the checkpoint layout does not depend on the mesh.
       state = checkpointer.restore(path,
                                    args=ocp.args.StandardRestore(target))
+    state = shampoo_optax.pad_state(tx, params, state, mesh)
     with jax.set_mesh(mesh):
       return run_steps_from(params, state, 2)
 
@@ -341,7 +354,8 @@ def test_orbax_restore_onto_other_device_counts(tmp_path):
       outs, state = run_steps(tx, params, 2)
     path = tmp_path / f"from_{saved}"
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-      checkpointer.save(path, args=ocp.args.StandardSave(state))
+      checkpointer.save(path, args=ocp.args.StandardSave(
+          shampoo_optax.unpad_state(tx, params, state)))
     assert_updates_close(outs + restore(path, restored), expected)
 
 
@@ -377,9 +391,9 @@ def test_explicit_data_parallel_gathers_only_the_update():
     state = jax.jit(tx.init)(params)
     hlo = jax.jit(tx.update).lower(params, state).compile().as_text()
   collectives = _collectives(hlo)
-  # The blocks of the split factors (layers, w1) are preconditioned where
-  # their factors live, then gathered once; w2's factors are whole.
+  # Every block is preconditioned where its factors live, then gathered
+  # once (w2's with its padding rows).
   assert {op for op, _ in collectives} <= {"all-gather", "all-reduce"}
   assert sum(b for op, b in collectives if op == "all-gather") <= (
-      _param_bytes(("layers", "w1"))), collectives
+      _param_bytes(("layers", "w1")) + _W2_PADDED), collectives
   assert all(b <= 4 * 8 for op, b in collectives if op == "all-reduce")

@@ -294,9 +294,10 @@ def test_nonfinite_gradient_skips_the_step():
 
 @pytest.mark.multidevice
 def test_sharded_equals_unsharded():
-  shapes = {"w": (32, 16), "layers": (8, 12, 12), "b": (16,)}
+  # "odd" is 3 x 5 blocks: its factors are stored as 15 rows padded to 16.
+  shapes = {"w": (32, 16), "layers": (8, 12, 12), "b": (16,), "odd": (12, 20)}
   options = dict(block_size=4, precondition_every=2,
-                 layer_axes={"w": None, "layers": 0, "b": None})
+                 layer_axes={"w": None, "layers": 0, "b": None, "odd": None})
   rng = np.random.default_rng(4)
   grads = [{k: jnp.asarray(rng.standard_normal(s), jnp.float32)
             for k, s in shapes.items()} for _ in range(5)]
@@ -306,6 +307,7 @@ def test_sharded_equals_unsharded():
   with jax.set_mesh(mesh):
     state = jax.jit(tx.init)(grads[0])
     assert not any(s.sharding.is_fully_replicated for s in state.bases)
+    assert (16, 4, 4) in [s.shape for s in state.bases]
     ours, _ = run(tx, grads, state)
   for t, (u, e) in enumerate(zip(ours, expected)):
     assert_close(u, e, rtol=1e-5, err_msg=f"step {t}")

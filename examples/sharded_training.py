@@ -11,7 +11,8 @@ Each pattern trains the same small Flax (linen) MLP on synthetic data with
 ``shampoo_optax.shampoo(..., shard_axes="data")``: the statistics and inverse
 roots of the 64 x 64 kernel's blocks are split over the mesh axis ``"data"``,
 so each device holds and inverts 1/8 of them (the smaller kernels' factors
-have no axis that 8 divides and stay whole on every device).
+have no axis that 8 divides: they are stored as rows padded to 8, one per
+device).
 
 1. ``explicit``: explicit sharding. ``jax.set_mesh(mesh)`` on a mesh with
    ``Explicit`` axes; shardings are part of the types (``jax.typeof``), the

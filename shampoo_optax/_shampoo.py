@@ -73,11 +73,14 @@ class ShampooState(NamedTuple):
     count: number of (finite) updates applied so far.
     stats: one float32 array ``[n, *grid, *packed]`` per factor: the
       statistics of one axis of every block of a piece of a family, stored
-      as packed triangles (see `shampoo_optax._blocks`, `_symmetric`).
+      as packed triangles (see `shampoo_optax._blocks`, `_symmetric`). On a
+      mesh that divides none of its batch axes, ``[rows, *packed]``: the
+      batch axes flattened and padded with zero rows (see `_sharding`).
     preconditioners: their inverse roots, same layout, in
       ``preconditioner_dtype``.
-    refreshed_at: one int32 array ``[n, *grid]`` per factor: the step
-      (0-based) at which each root was last accepted, -1 for never.
+    refreshed_at: one int32 array ``[n, *grid]`` (or ``[rows]``) per factor:
+      the step (0-based) at which each root was last accepted, -1 for
+      never.
     graft: float32 accumulators of the grafted optimizer, one
       ``[units, *shape]`` array per family (the parameters' units stacked
       as the gradients are, see `shampoo_optax._blocks`), or ``None`` for

@@ -513,10 +513,11 @@ def _relaid(state, target, source, mesh, what: str):
   # On Auto axes: a slice or pad of a split axis is not even, which explicit
   # sharding rejects; the partitioner moves the rows instead.
   auto = lambda s: NamedSharding(_auto(mesh), s.spec)
+  as_auto = lambda x: jax.device_put(x, auto(x.sharding)) if isinstance(
+      getattr(x, "sharding", None), NamedSharding) else x
   with jax.set_mesh(_auto(mesh)):
     out = jax.jit(relay, out_shardings=jax.tree.map(
-        lambda t: auto(t.sharding), target))(jax.tree.map(
-            lambda x: jax.device_put(x, auto(x.sharding)), state))
+        lambda t: auto(t.sharding), target))(jax.tree.map(as_auto, state))
   return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), out, target)
 
 

@@ -62,8 +62,9 @@ class SoapState(NamedTuple):
   Attributes:
     count: number of (finite) updates applied so far.
     stats: the Shampoo statistics, one float32 ``[n, *grid, *packed]``
-      array per factor (see `shampoo_optax.ShampooState`).
-    bases: the eigenbases, one ``[n, *grid, d, d]`` array per factor in
+      array per factor (or padded rows, see `shampoo_optax.ShampooState`).
+    bases: the eigenbases, one ``[n, *grid, d, d]`` array (or ``[rows, d,
+      d]``) per factor in
       ``basis_dtype`` (column ``j`` is the ``j``-th eigenvector, by
       decreasing eigenvalue).
     mu: Adam's first moment, one float32 ``[units, *shape]`` array per

@@ -141,3 +141,38 @@ def test_packed_triangles(n):
   gram = np.asarray(_symmetric.packed_gram(x))
   np.testing.assert_allclose(gram, packed, rtol=0,
                              atol=1e-5 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("devices,spec,layout", [
+    # [24, 16] in blocks of 8: batch (1, 3, 2). 1 divides the units axis, 2
+    # the last grid axis; 4 and 8 divide none, so the 6 blocks become rows
+    # padded to 8.
+    (1, ("data", None, None), (1, 3, 2)), (2, (None, None, "data"), (1, 3, 2)),
+    (4, ("data",), (8,)), (8, ("data",), (8,)),
+])
+def test_factors_that_no_axis_divides_are_padded_rows(devices, spec, layout):
+  from shampoo_optax import _sharding  # pylint: disable=g-import-not-at-top
+
+  plan = plan_of([(24, 16)], block_size=8)
+  mesh = jax.sharding.AbstractMesh((devices,), ("data",))
+  with jax.sharding.use_abstract_mesh(mesh):
+    specs = _sharding.factor_batch_specs(plan, [(None, None)], "data")
+    layouts = [_sharding.layout_batch_shape(f, s)
+               for f, s in zip(plan.factors, specs)]
+    with _sharding._tracing("unpadded"):  # pylint: disable=protected-access
+      unpadded = _sharding.factor_batch_specs(plan, [(None, None)], "data")
+  assert specs == [spec] * 2 and layouts == [layout] * 2
+  assert all(len(s) == 3 for s in unpadded)  # Never rows.
+
+  # The layout round trip, and which rows are padding.
+  factor = plan.factors[0]
+  x = jnp.arange(6 * 5, dtype=jnp.float32).reshape((1, 3, 2, 5))
+  laid = _sharding.to_layout(x, factor.batch_shape, layout)
+  assert laid.shape == layout + (5,)
+  if layout != factor.batch_shape:
+    np.testing.assert_array_equal(laid[:6], x.reshape(6, 5))
+    np.testing.assert_array_equal(laid[6:], 0)
+  np.testing.assert_array_equal(
+      _sharding.from_layout(laid, factor.batch_shape, layout), x)
+  valid = _sharding.valid_rows(factor, layout)
+  assert valid.shape == layout and int(valid.sum()) == 6

@@ -772,13 +772,10 @@ def scale_by_shampoo(
     floats = _Floats(*(jnp.asarray(x, jnp.float32) for x in floats))
     count = state.count
     step = optax.safe_increment(count)
-    # Under explicit sharding the families are pinned like their leaves, so
-    # that only the preconditioned blocks move (a data-parallel update is
-    # gathered once, an aligned FSDP one not at all).
-    pin = lambda xs: xs if family_specs is None else [
-        _sharding.pin(x, spec) for x, spec in zip(xs, family_specs)]
-    stacked = pin([plan.stack([g.astype(jnp.float32) for g in leaves], f)
-                   for f in range(len(plan.families))])
+    pin = _sharding.family_pins(
+        family_specs, state.mu if state.mu is not None else state.graft)
+    stacked = [pin(plan.stack([g.astype(jnp.float32) for g in leaves], f), f)
+               for f in range(len(plan.families))]
     finite = _all_finite(stacked) if skip_nonfinite else jnp.array(True)
     # Non-finite values reach only results that are discarded below.
 
@@ -811,9 +808,7 @@ def scale_by_shampoo(
                       for f, fam in enumerate(plan.families)
                       if fam.preconditioned},
         blocks, roots)
-    if family_specs is not None:
-      preconditioned = {f: _sharding.pin(d, family_specs[f])
-                        for f, d in preconditioned.items()}
+    preconditioned = {f: pin(d, f) for f, d in preconditioned.items()}
 
     # Without skip_nonfinite, `finite` is a constant True and the selects
     # below fold away.
@@ -836,7 +831,7 @@ def scale_by_shampoo(
     # barrier makes XLA compute the families once instead of copying their
     # whole elementwise expression into every leaf's slice (compile time).
     directions = jax.lax.optimization_barrier(
-        pin([jnp.where(finite, d, 0.0) for d in directions]))
+        [pin(jnp.where(finite, d, 0.0), f) for f, d in enumerate(directions)])
     starts = plan.member_starts(count, _sharding.units_whole(
         family_specs, len(plan.families)))
     updates = [

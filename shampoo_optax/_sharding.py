@@ -51,6 +51,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+from jax.experimental.shard_alike import shard_alike
 import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
@@ -277,6 +278,23 @@ def update_specs(plan, stats, leaves, shard_axes):
   leaf_specs = [leaf_spec(x) for x in leaves]
   return specs, [family_spec(plan, f, leaf_specs)
                  for f in range(len(plan.families))]
+
+
+def family_pins(family_specs, alike) -> Callable[[jax.Array, int], jax.Array]:
+  """``pin(x, family)``: pins a ``[units, *shape]`` array of a family.
+
+  Under explicit sharding to the family's split (`family_spec`, like its
+  leaves). Otherwise the leaves' split is not visible while tracing, but the
+  per-family state's is set by the caller (``in_shardings``): ``x`` is then
+  split alike ``alike[family]`` (`shard_alike`; ``alike`` is e.g. the
+  momentum, ``None`` to leave ``x`` to the partitioner). Pinned so, only the
+  preconditioned blocks move: a data-parallel update is gathered once.
+  """
+  if family_specs is not None:
+    return lambda x, f: pin(x, family_specs[f])
+  if alike is None or not jax.sharding.get_abstract_mesh().axis_names:
+    return lambda x, f: x
+  return lambda x, f: shard_alike(x, alike[f])[0]
 
 
 def units_whole(family_specs, num_families: int) -> list[int]:

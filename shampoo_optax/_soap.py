@@ -363,7 +363,8 @@ def scale_by_soap(
   def update_core(leaves, state, floats, plan, specs, family_specs):
     b1, b2, eps, beta_s = (jnp.asarray(x, jnp.float32) for x in floats)
     count = state.count
-    stacked = [plan.stack([g.astype(jnp.float32) for g in leaves], f)
+    pin = _sharding.family_pins(family_specs, state.mu)
+    stacked = [pin(plan.stack([g.astype(jnp.float32) for g in leaves], f), f)
                for f in range(len(plan.families))]
     finite = _shampoo._all_finite(stacked) if skip_nonfinite else jnp.array(  # pylint: disable=protected-access
         True)
@@ -396,7 +397,7 @@ def scale_by_soap(
         direction = jnp.where(first, 0.0, direction)
         new_mu = jnp.where(first, mu, new_mu)
         new_nu = jnp.where(first, nu, new_nu)
-      directions.append(direction)
+      directions.append(pin(direction, f))
       mus.append(new_mu)
       nus.append(new_nu)
 

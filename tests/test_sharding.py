@@ -397,3 +397,32 @@ def test_explicit_data_parallel_gathers_only_the_update():
   assert sum(b for op, b in collectives if op == "all-gather") <= (
       _param_bytes(("layers", "w1")) + _W2_PADDED), collectives
   assert all(b <= 4 * 8 for op, b in collectives if op == "all-reduce")
+
+
+@pytest.mark.parametrize("transform", ["shampoo", "soap"])
+def test_pjit_way_data_parallel_gathers_the_update_once(transform):
+  """Auto mesh, jit with in/out shardings: the per-family state guides the
+  partitioner (`_sharding.family_pins`), so the stacked gradient is not
+  reshuffled and only the update is gathered."""
+  make = (shampoo_optax.scale_by_shampoo if transform == "shampoo"
+          else shampoo_optax.scale_by_soap)
+  tx = make(block_size=8, precondition_every=10**9, shard_axes="data",
+            layer_axes={"layers": 0})
+  mesh = mesh_of(8, AxisType.Auto)
+  replicated = NamedSharding(mesh, P())
+  params = {"layers": jax.ShapeDtypeStruct((16, 32, 32), np.float32,
+                                           sharding=replicated)}
+  state_sh = shampoo_optax.state_shardings(tx, params, mesh)
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(tx.update, out_shardings=(replicated, state_sh)).lower(
+        params, shampoo_optax.abstract_state(tx, params, mesh)
+    ).compile().as_text()
+  collectives = _collectives(hlo)
+  assert {op for op, _ in collectives} <= {"all-gather", "all-reduce"}, (
+      collectives)
+  update_bytes = 4 * 16 * 32 * 32
+  # SOAP also gathers its second moment and the rotated first moment, which
+  # it keeps per family, not per block.
+  gathers = 1 if transform == "shampoo" else 3
+  assert sum(b for op, b in collectives if op == "all-gather") <= (
+      gathers * update_bytes), collectives

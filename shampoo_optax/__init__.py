@@ -2,6 +2,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Distributed Shampoo for optax."""
 
+from shampoo_optax._placement import abstract_state
+from shampoo_optax._placement import pad_state
+from shampoo_optax._placement import state_shardings
+from shampoo_optax._placement import unpad_state
 from shampoo_optax._report import state_report
 from shampoo_optax._report import StateReport
 from shampoo_optax._roots import default_root_method
@@ -13,10 +17,6 @@ from shampoo_optax._shampoo import shampoo
 from shampoo_optax._shampoo import ShampooDiagnostics
 from shampoo_optax._shampoo import ShampooState
 from shampoo_optax._shampoo import STATIC_OPTIONS
-from shampoo_optax._sharding import abstract_state
-from shampoo_optax._sharding import pad_state
-from shampoo_optax._sharding import state_shardings
-from shampoo_optax._sharding import unpad_state
 from shampoo_optax._soap import scale_by_soap
 from shampoo_optax._soap import soap
 from shampoo_optax._soap import SOAP_STATIC_OPTIONS

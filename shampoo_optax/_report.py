@@ -8,7 +8,7 @@ import math
 import jax
 import numpy as np
 
-from shampoo_optax import _sharding
+from shampoo_optax import _placement
 from shampoo_optax import _shampoo
 
 KINDS = ("statistics", "roots", "grafting", "momentum", "other")
@@ -87,7 +87,7 @@ def state_report(tx, params, mesh=None, param_shardings=None) -> StateReport:
   Returns:
     A `StateReport`; ``print`` it for a table.
   """
-  shapes = _sharding.abstract_state(tx, params, mesh, param_shardings)
+  shapes = _placement.abstract_state(tx, params, mesh, param_shardings)
   devices = 1 if mesh is None else mesh.size
   is_state = lambda x: isinstance(x, _shampoo.ShampooState)
   rows = {}

@@ -28,9 +28,8 @@ mesh axes chosen once, from shapes and the parameters' shardings:
    gradient blocks alike and drops the padding rows' results; they never
    count as failures.
 
-A factor's shapes depend on the mesh only in the padded case (3).
-`unpad_state` gives the state in the mesh-independent layout, to save, and
-`pad_state` brings a restored one back. Within the jitted update every
+A factor's shapes depend on the mesh only in the padded case (3);
+`_placement` keeps the padding out of checkpoints. Within the jitted update every
 factor is pinned to its split, the roots of each device's blocks are
 computed under `jax.shard_map` (owner computes: a custom call such as
 LAPACK's ``eigh`` would otherwise be free to be replicated), and no root
@@ -101,7 +100,7 @@ def context_mesh(shard_axes: ShardAxes):
   return mesh
 
 
-def _names(entry: AxisEntry) -> tuple[str, ...]:
+def names_of(entry: AxisEntry) -> tuple[str, ...]:
   if entry is None:
     return ()
   return (entry,) if isinstance(entry, str) else tuple(entry)
@@ -120,7 +119,7 @@ _TRACING = []
 
 
 @contextlib.contextmanager
-def _tracing(switch: str):
+def tracing(switch: str):
   _TRACING.append(switch)
   try:
     yield
@@ -137,7 +136,7 @@ def leaf_spec(x) -> tuple[AxisEntry, ...]:
   explicit = set(getattr(mesh, "explicit_axes", ()) or ())
   if spec is not None:
     entries = tuple(
-        _entry([a for a in _names(e) if a in explicit]) for e in spec)
+        _entry([a for a in names_of(e) if a in explicit]) for e in spec)
   return entries + (None,) * (x.ndim - len(entries))
 
 
@@ -180,12 +179,12 @@ def factor_batch_specs(plan, leaf_specs, shard_axes) -> list[tuple]:
         whole = piece.grid[axis] * piece.block[axis] == family.shape[axis]
         aligned = (entry is not None and whole
                    and not any(spec[a] for a in leaf_axes[1:])
-                   and piece.grid[axis] % size(_names(entry)) == 0)
+                   and piece.grid[axis] % size(names_of(entry)) == 0)
         wish.append(entry if aligned else None)
       wishes.append(wish)
     batch = [w if all(other[i] == w for other in wishes) else None
              for i, w in enumerate(wishes[0])]
-    used = {a for e in batch for a in _names(e)}
+    used = {a for e in batch for a in names_of(e)}
     rest = [a for a in axis_names(shard_axes) if a not in used]
     if rest:
       for axis, n in enumerate(factor.batch_shape):
@@ -210,7 +209,7 @@ def layout_batch_shape(factor, batch_spec) -> tuple[int, ...]:
     return factor.batch_shape
   mesh = jax.sharding.get_abstract_mesh()
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  k = math.prod(sizes[a] for a in _names(batch_spec[0]))
+  k = math.prod(sizes[a] for a in names_of(batch_spec[0]))
   return (-(-factor.count // k) * k,)
 
 
@@ -325,7 +324,7 @@ def constrain(x: jax.Array, batch_spec: Sequence[AxisEntry]) -> jax.Array:
     return x
   spec = PartitionSpec(*batch_spec)
   mesh = jax.sharding.get_abstract_mesh()
-  if set(mesh.explicit_axes) & {a for e in batch_spec for a in _names(e)}:
+  if set(mesh.explicit_axes) & {a for e in batch_spec for a in names_of(e)}:
     return jax.sharding.reshard(x, spec)
   return jax.lax.with_sharding_constraint(x, spec)
 
@@ -343,7 +342,7 @@ def map_blocks(fn: Callable[..., Any], batch_specs, sharded_args, replicated,
   if not is_sharded(batch_specs):
     return fn(sharded_args, replicated)
   specs = [PartitionSpec(*b) for b in batch_specs]
-  used = {a for b in batch_specs for e in b for a in _names(e)}
+  used = {a for b in batch_specs for e in b for a in names_of(e)}
   return jax.shard_map(
       fn, mesh=jax.sharding.get_abstract_mesh(),
       in_specs=((specs,) * len(sharded_args),
@@ -362,7 +361,7 @@ def explicit_axes_in_context() -> tuple[str, ...]:
   return tuple(mesh.explicit_axes) if mesh.axis_names else ()
 
 
-def _spec_of(x) -> PartitionSpec:
+def spec_of(x) -> PartitionSpec:
   return jax.typeof(x).sharding.spec
 
 
@@ -383,258 +382,8 @@ def in_auto_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
     axes = explicit_axes_in_context()
     if not axes:
       return fn(updates, state, *args)
-    specs = (jax.tree.map(_spec_of, updates), jax.tree.map(_spec_of, state))
+    specs = (jax.tree.map(spec_of, updates), jax.tree.map(spec_of, state))
     return jax.sharding.auto_axes(fn, axes=axes, out_sharding=specs)(
         updates, state, *args)
 
   return wrapped
-
-
-# ---------------------------------------------------------------------------
-# Shardings of a whole optimizer state, for jax.jit and Orbax.
-
-
-def _param_sharding(leaf, mesh) -> NamedSharding:
-  """The sharding of a parameter (array, ShapeDtypeStruct, spec, sharding)."""
-  if isinstance(leaf, PartitionSpec):
-    return NamedSharding(mesh, leaf)
-  if isinstance(leaf, NamedSharding):
-    return NamedSharding(mesh, leaf.spec)
-  sharding = getattr(leaf, "sharding", None)
-  if isinstance(sharding, NamedSharding):
-    return NamedSharding(mesh, sharding.spec)
-  return NamedSharding(mesh, PartitionSpec())
-
-
-def state_shardings(tx, params, mesh, param_shardings=None):
-  """The `NamedSharding` of every leaf of ``tx.init(params)`` on ``mesh``.
-
-  Use it for ``out_shardings`` of ``jax.jit(tx.init)`` and of the train step
-  (and its ``in_shardings``), and to build the abstract target of an Orbax
-  restore. ``tx`` may be `shampoo_optax.shampoo`, `scale_by_shampoo` or any
-  optax chain or wrapper containing them:
-
-  * Shampoo factors ``[n, *grid, *packed]`` are split as the module
-    docstring says: following the parameters' shardings when ``mesh`` has
-    explicit axes (on an ``Auto`` mesh the update cannot see them, so there
-    only ``shard_axes`` split them), then over ``shard_axes``;
-  * per-parameter state (grafting accumulators, momentum, and the state of
-    other optax transforms built with ``zeros_like``) gets its parameter's
-    sharding;
-  * scalars (counts, diagnostics, schedule states) are replicated.
-
-  It traces ``tx.init`` abstractly on an explicit-axes copy of ``mesh`` and
-  reads every leaf's sharding from its type, so it agrees with what
-  ``jax.jit(tx.init)(params)`` produces under `jax.set_mesh`.
-
-  Args:
-    tx: an ``optax.GradientTransformation``.
-    params: the parameters, as arrays or `jax.ShapeDtypeStruct`s (only
-      shapes, dtypes and, when ``param_shardings`` is ``None``, shardings are
-      read).
-    mesh: a `jax.sharding.Mesh` (any axis types) with the ``shard_axes``.
-    param_shardings: a pytree like ``params`` of `NamedSharding` or
-      `PartitionSpec` (each dim's axes must divide it evenly); ``None`` takes
-      each parameter's own ``.sharding`` when it is a `NamedSharding`, else
-      replicated.
-
-  Returns:
-    A pytree of `NamedSharding` with the structure of ``tx.init(params)``
-    (``None`` fields stay ``None``).
-  """
-  return _traced_init(tx, params, mesh, param_shardings)[1]
-
-
-def abstract_state(tx, params, mesh=None, param_shardings=None, *,
-                   padded: bool = True):
-  """``tx.init(params)`` as `jax.ShapeDtypeStruct`s with their shardings.
-
-  With ``padded=False``, the checkpoint layout: the state as `unpad_state`
-  gives it, whose shapes do not depend on the mesh. That is the target of
-  a strict Orbax restore onto ``mesh`` (then `pad_state`), whatever the mesh
-  the checkpoint was written on. Its factors that are padded rows in memory
-  are split along their last axis the mesh axes divide, if any, so that
-  saving and restoring do not gather them. Without a mesh it is
-  ``jax.eval_shape(tx.init, params)``.
-
-  Args:
-    tx: an ``optax.GradientTransformation``.
-    params: the parameters, as arrays or `jax.ShapeDtypeStruct`s.
-    mesh: a `jax.sharding.Mesh`, or ``None``.
-    param_shardings: as for `state_shardings`.
-    padded: the layout in memory (``True``) or the checkpoint layout.
-
-  Returns:
-    A pytree of `jax.ShapeDtypeStruct` with the structure of
-    ``tx.init(params)``.
-  """
-  with contextlib.nullcontext() if padded else _tracing("unpadded"):
-    if mesh is None:
-      return jax.eval_shape(tx.init, params)
-    shapes, shardings = _traced_init(tx, params, mesh, param_shardings)
-  if not padded:
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    in_memory, memory_shardings = _traced_init(tx, params, mesh,
-                                               param_shardings)
-    shardings = jax.tree.map(
-        lambda x, s, m, ms: s if x.shape == m.shape else NamedSharding(
-            mesh, _split_last_divisible(x.shape, ms.spec[0], sizes)),
-        shapes, shardings, in_memory, memory_shardings)
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      shapes, shardings)
-
-
-def _split_last_divisible(shape, entry: AxisEntry, sizes) -> PartitionSpec:
-  """``entry`` on the last axis of ``shape`` it divides (none: replicated)."""
-  k = math.prod(sizes[a] for a in _names(entry))
-  for axis in reversed(range(len(shape))):
-    if shape[axis] % k == 0:
-      return PartitionSpec(*(None,) * axis, entry)
-  return PartitionSpec()
-
-
-def _conform(x: jax.Array, shape) -> jax.Array:
-  """``x`` moved between a factor's own layout and its padded rows."""
-  if tuple(x.shape) == tuple(shape):
-    return x
-  if x.ndim > len(shape):  # Into rows ``[rows, *rest]``.
-    return to_layout(x, x.shape[:x.ndim - len(shape) + 1], shape[:1])
-  return from_layout(x, shape[:len(shape) - x.ndim + 1], x.shape[:1])
-
-
-def _relaid(state, target, source, mesh, what: str):
-  """``state`` (whose shapes must be ``source``'s) in ``target``'s layout."""
-  paths = jax.tree_util.tree_flatten_with_path(state)[0]
-  flat_source = jax.tree.leaves(source)
-  if len(paths) != len(flat_source):
-    raise ValueError(
-        f"{what}: the state has {len(paths)} arrays, but tx.init(params)"
-        f" makes {len(flat_source)}: it is the state of another"
-        " transformation or of other parameters.")
-  for (path, x), s in zip(paths, flat_source):
-    if tuple(x.shape) != tuple(s.shape):
-      raise ValueError(
-          f"{what}: state{jax.tree_util.keystr(path)} has shape"
-          f" {tuple(x.shape)}, expected {tuple(s.shape)}: the state was made"
-          " with other options, for other parameters or (unpad_state) for"
-          " another mesh.")
-  shapes = [t.shape for t in jax.tree.leaves(target)]
-  treedef = jax.tree.structure(state)
-
-  def relay(state):
-    return jax.tree.unflatten(treedef, [
-        _conform(x, shape) for x, shape in zip(jax.tree.leaves(state), shapes)])
-
-  if mesh is None:
-    return jax.jit(relay)(state)
-  # On Auto axes: a slice or pad of a split axis is not even, which explicit
-  # sharding rejects; the partitioner moves the rows instead.
-  auto = lambda s: NamedSharding(_auto(mesh), s.spec)
-  as_auto = lambda x: jax.device_put(x, auto(x.sharding)) if isinstance(
-      getattr(x, "sharding", None), NamedSharding) else x
-  with jax.set_mesh(_auto(mesh)):
-    out = jax.jit(relay, out_shardings=jax.tree.map(
-        lambda t: auto(t.sharding), target))(jax.tree.map(as_auto, state))
-  return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), out, target)
-
-
-def _auto(mesh):
-  return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
-                           axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-
-
-def unpad_state(tx, params, state):
-  """The state in the checkpoint layout: no padding rows, mesh-independent.
-
-  On a mesh some factors are stored as padded rows (see the module
-  docstring); call this on the training state before saving it, and
-  `pad_state` after restoring it (onto any mesh, through
-  ``abstract_state(..., padded=False)``). Without padding rows it returns
-  the state as it is. The arrays stay split over the state's mesh.
-
-  Args:
-    tx: the ``optax.GradientTransformation`` the state belongs to.
-    params: the parameters (arrays or `jax.ShapeDtypeStruct`s, with their
-      shardings as in training).
-    state: ``tx``'s state, as the train step returns it.
-
-  Returns:
-    The state with the shapes of ``abstract_state(tx, params, mesh,
-    padded=False)``.
-  """
-  mesh = next((x.sharding.mesh for x in jax.tree.leaves(state)
-               if isinstance(getattr(x, "sharding", None), NamedSharding)),
-              None)
-  return _relaid(
-      state, abstract_state(tx, params, mesh, padded=False),
-      abstract_state(tx, params, mesh), mesh, "unpad_state")
-
-
-def pad_state(tx, params, state, mesh=None, param_shardings=None):
-  """A state in the checkpoint layout (`unpad_state`), laid out for ``mesh``.
-
-  Args:
-    tx: the ``optax.GradientTransformation`` the state belongs to.
-    params: the parameters, as arrays or `jax.ShapeDtypeStruct`s.
-    state: a state with the shapes of ``abstract_state(tx, params, mesh,
-      padded=False)``, e.g. restored from a checkpoint.
-    mesh: the `jax.sharding.Mesh` to train on, or ``None`` for one device.
-    param_shardings: as for `state_shardings`.
-
-  Returns:
-    The state with the shapes and shardings of ``abstract_state(tx, params,
-    mesh, param_shardings)``, ready for the train step.
-  """
-  return _relaid(
-      state, abstract_state(tx, params, mesh, param_shardings),
-      abstract_state(tx, params, mesh, param_shardings, padded=False), mesh,
-      "pad_state")
-
-
-def _traced_init(tx, params, mesh, param_shardings):
-  """The abstract ``tx.init(params)`` on ``mesh`` and its shardings."""
-  if param_shardings is None:
-    param_shardings = params
-  is_spec = lambda x: isinstance(x, (PartitionSpec, NamedSharding))
-  param_shardings = jax.tree.map(
-      lambda leaf: _param_sharding(leaf, mesh), param_shardings,
-      is_leaf=is_spec,
-  )
-  if jax.tree.structure(param_shardings, is_leaf=is_spec) != (
-      jax.tree.structure(params)
-  ):
-    raise ValueError(
-        "state_shardings: param_shardings must have the structure of params;"
-        f" got {jax.tree.structure(param_shardings, is_leaf=is_spec)} and"
-        f" {jax.tree.structure(params)}."
-    )
-  explicit = jax.sharding.Mesh(
-      mesh.devices, mesh.axis_names,
-      axis_types=(AxisType.Explicit,) * len(mesh.axis_names),
-  )
-  abstract_params = jax.tree.map(
-      lambda p, s: jax.ShapeDtypeStruct(
-          p.shape, p.dtype, sharding=NamedSharding(explicit, s.spec)
-      ),
-      params,
-      param_shardings,
-      is_leaf=is_spec,
-  )
-  specs = []
-
-  def init_specs(p):
-    state = tx.init(p)
-    specs.append(jax.tree.map(_spec_of, state))
-    return state
-
-  auto = any(t == AxisType.Auto for t in mesh.axis_types)
-  with jax.set_mesh(explicit), (
-      _tracing("parameters unseen") if auto else contextlib.nullcontext()):
-    shapes = jax.eval_shape(init_specs, abstract_params)
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        shapes)
-  return shapes, jax.tree.map(
-      lambda spec: NamedSharding(mesh, spec), specs[0],
-      is_leaf=lambda x: isinstance(x, PartitionSpec),
-  )

@@ -159,7 +159,7 @@ def test_factors_that_no_axis_divides_are_padded_rows(devices, spec, layout):
     specs = _sharding.factor_batch_specs(plan, [(None, None)], "data")
     layouts = [_sharding.layout_batch_shape(f, s)
                for f, s in zip(plan.factors, specs)]
-    with _sharding._tracing("unpadded"):  # pylint: disable=protected-access
+    with _sharding.tracing("unpadded"):
       unpadded = _sharding.factor_batch_specs(plan, [(None, None)], "data")
   assert specs == [spec] * 2 and layouts == [layout] * 2
   assert all(len(s) == 3 for s in unpadded)  # Never rows.

@@ -150,9 +150,11 @@ class Plan:
   factors: tuple[Factor, ...]
   family_of_leaf: tuple[int, ...]
 
-  def factors_of(self, family: int) -> list[tuple[int, Factor]]:
-    """``(index, factor)`` of every factor of a family."""
-    return [(i, f) for i, f in enumerate(self.factors) if f.family == family]
+  def factors_of(self, family: int, piece: int | None = None
+                 ) -> list[tuple[int, Factor]]:
+    """``(index, factor)`` of every factor of a family (or of one piece)."""
+    return [(i, f) for i, f in enumerate(self.factors)
+            if f.family == family and piece in (None, f.piece)]
 
   def member_starts(self, anchor: jax.Array, families: Sequence[int]
                     ) -> list[list[jax.Array] | None]:

@@ -465,23 +465,41 @@ def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,
       num_outputs=4)
 
 
+def _multiplied(plan, key, block, matrices, specs) -> jax.Array:
+  """Axis ``i`` of every block of piece ``key`` times ``matrices(index)``.
+
+  ``block`` is laid out as the piece's factors, ``index`` runs over them.
+  """
+  for index, factor in plan.factors_of(*key):
+    block = _sharding.constrain(
+        _apply_root(block, matrices(index), factor.axis, len(specs[index])),
+        specs[index])
+  return block
+
+
+def _families_of(plan, blocks, specs):
+  """Inverse of `_gradient_blocks`: ``{family: [units, *shape]}``."""
+  out = {}
+  for f, fam in enumerate(plan.families):
+    if not fam.preconditioned:
+      continue
+    pieces = []
+    for p in range(len(fam.pieces)):
+      index, factor = plan.factors_of(f, p)[0]
+      pieces.append(_sharding.from_layout(
+          blocks[(f, p)], factor.batch_shape,
+          _sharding.layout_batch_shape(factor, specs[index])))
+    out[f] = _blocks.assemble(pieces, fam.pieces)
+  return out
+
+
 def _precondition(plan, blocks, roots, specs):
   """``G x_1 S_1^(-1/p) ... x_k S_k^(-1/p)`` of every block, per family."""
-  out = {}
-  for (family, piece), block in blocks.items():
-    factors = [(i, f) for i, f in plan.factors_of(family) if f.piece == piece]
-    for index, factor in factors:
-      root = _symmetric.unpack(roots[index], factor.dim).astype(jnp.float32)
-      block = _sharding.constrain(
-          _apply_root(block, root, factor.axis, len(specs[index])),
-          specs[index])
-    out[(family, piece)] = _sharding.from_layout(
-        block, factor.batch_shape, roots[index].shape[:-2])
-  return {
-      f: _blocks.assemble([out[(f, p)] for p in range(len(fam.pieces))],
-                          fam.pieces)
-      for f, fam in enumerate(plan.families) if fam.preconditioned
-  }
+  unpacked = lambda i: _symmetric.unpack(
+      roots[i], plan.factors[i].dim).astype(jnp.float32)
+  return _families_of(plan, {
+      key: _multiplied(plan, key, block, unpacked, specs)
+      for key, block in blocks.items()}, specs)
 
 
 def _graft(plan, grafted, preconditioned, use_shampoo, graft: str):
@@ -531,16 +549,24 @@ def _count_true(masks) -> jax.Array:
 def _factor_placement(plan, leaves, shard_axes):
   """For ``init``: per-factor arrays ``[*batch, ...]`` laid out and split.
 
-  Returns a function of one array per factor (in the factor's own batch
-  shape) that returns them in their layout (padding rows are zeros) and
-  pinned to their split (`_sharding.factor_batch_specs`).
+  Returns ``place(arrays, indices=None)``: one array per factor of
+  ``indices`` (default all; each in the factor's own batch shape) in the
+  factor's layout (padding rows are zeros), pinned to its split
+  (`_sharding.factor_batch_specs`).
   """
   specs = _sharding.factor_batch_specs(
       plan, [_sharding.leaf_spec(x) for x in leaves], shard_axes)
-  return lambda arrays: tuple(
-      _sharding.constrain(_sharding.to_layout(
-          x, f.batch_shape, _sharding.layout_batch_shape(f, spec)), spec)
-      for x, f, spec in zip(arrays, plan.factors, specs))
+
+  def place(arrays, indices=None):
+    factors = enumerate(plan.factors) if indices is None else (
+        (i, plan.factors[i]) for i in indices)
+    return tuple(
+        _sharding.constrain(_sharding.to_layout(
+            x, f.batch_shape, _sharding.layout_batch_shape(f, specs[i])),
+                            specs[i])
+        for x, (i, f) in zip(arrays, factors))
+
+  return place
 
 
 def _check_layout(transform, plan, stats, specs):

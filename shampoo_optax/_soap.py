@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from shampoo_optax import _blocks
 from shampoo_optax import _grafting
 from shampoo_optax import _roots
 from shampoo_optax import _shampoo
@@ -69,8 +68,11 @@ class SoapState(NamedTuple):
       decreasing eigenvalue).
     mu: Adam's first moment, one float32 ``[units, *shape]`` array per
       family, in the parameters' coordinates.
-    nu: Adam's second moment, same layout; for a preconditioned family each
-      block holds it in that block's rotated coordinates.
+    nu: Adam's second moment: for a diagonal family one ``[units, *shape]``
+      array; for a preconditioned family one array per piece, its blocks in
+      their rotated coordinates, laid out and split as the piece's factors
+      (``[n, *grid, *block]``, or padded rows ``[rows, *block]``), so that
+      each device keeps its own blocks' moments.
     diagnostics: `SoapDiagnostics`.
   """
 
@@ -180,54 +182,42 @@ def _refresh_bases(plan, stats, bases, now, specs, *, method: str):
           rejected)
 
 
-def _per_block(plan, family: int, x: jax.Array, apply, specs) -> jax.Array:
-  """``x`` ``[units, *shape]`` with ``apply(block, index, factor, nbatch)``
-  applied to every piece's blocks for each of its factors in turn.
+def _second_moment_keys(plan) -> list[tuple[int, int | None]]:
+  """Where Adam's second moment lives: ``(family, None)`` for a diagonal
+  family, ``(family, piece)`` for each piece of a preconditioned one."""
+  return [(f, p) for f, fam in enumerate(plan.families)
+          for p in (range(len(fam.pieces)) if fam.preconditioned else [None])]
 
-  The blocks are laid out as their factors (`_sharding.to_layout`), so that
-  each device works on its own rows.
+
+def _second_moment_shapes(plan, specs) -> list[tuple[int, ...]]:
+  """The shapes of `SoapState.nu`, in the order of `_second_moment_keys`."""
+  shapes = []
+  for f, p in _second_moment_keys(plan):
+    fam = plan.families[f]
+    if p is None:
+      shapes.append((fam.units,) + fam.shape)
+      continue
+    index, factor = plan.factors_of(f, p)[0]
+    shapes.append(_sharding.layout_batch_shape(factor, specs[index])
+                  + fam.pieces[p].block)
+  return shapes
+
+
+def _permuted(plan, key, block, orders, specs) -> jax.Array:
+  """Axis ``i`` of every block of piece ``key`` reordered.
+
+  ``block`` is laid out as the piece's factors; axis ``i`` takes the order
+  ``orders[index]`` (``[*batch, d]``, ``index`` its factor):
+  ``y[j] = x[order[j]]``.
   """
-  fam = plan.families[family]
-  out = []
-  for p, piece in enumerate(fam.pieces):
-    factors = [(i, f) for i, f in plan.factors_of(family) if f.piece == p]
-    layout = _sharding.layout_batch_shape(factors[0][1], specs[factors[0][0]])
-    block = _sharding.to_layout(_blocks.blocks_of(x, piece),
-                                factors[0][1].batch_shape, layout)
-    for index, factor in factors:
-      block = _sharding.constrain(
-          apply(block, index, factor, len(specs[index])), specs[index])
-    out.append(_sharding.from_layout(block, factors[0][1].batch_shape,
-                                     layout))
-  return _blocks.assemble(out, fam.pieces)
-
-
-def _rotate(plan, family: int, x: jax.Array, matrices, specs) -> jax.Array:
-  """``x`` ``[units, *shape]`` with every block's axes multiplied.
-
-  Axis ``i`` of each block is multiplied by ``matrices(index)`` (``[*batch,
-  d, d]``, ``index`` the factor), ``y[z] = sum_a M[z, a] x[a]``.
-  """
-  return _per_block(
-      plan, family, x,
-      lambda block, index, factor, nbatch: _shampoo._apply_root(  # pylint: disable=protected-access
-          block, matrices(index), factor.axis, nbatch), specs)
-
-
-def _permute(plan, family: int, x: jax.Array, orders, specs) -> jax.Array:
-  """``x`` ``[units, *shape]`` with each block's axes reordered.
-
-  Axis ``i`` of each block takes the order ``orders[index]`` (``[*batch,
-  d]``, ``index`` the factor): ``y[j] = x[order[j]]``.
-  """
-
-  def apply(block, index, factor, nbatch):
+  for index, factor in plan.factors_of(*key):
+    nbatch = len(specs[index])
     order = jnp.expand_dims(orders[index], tuple(
         nbatch + a for a in range(block.ndim - nbatch) if a != factor.axis))
-    return jnp.take_along_axis(block, jnp.broadcast_to(order, block.shape),
-                               axis=nbatch + factor.axis)
-
-  return _per_block(plan, family, x, apply, specs)
+    block = _sharding.constrain(jnp.take_along_axis(
+        block, jnp.broadcast_to(order, block.shape),
+        axis=nbatch + factor.axis), specs[index])
+  return block
 
 
 def scale_by_soap(
@@ -333,6 +323,16 @@ def scale_by_soap(
     place = _shampoo._factor_placement(plan, leaves, shard_axes)  # pylint: disable=protected-access
     zeros = functools.partial(_shampoo._family_zeros, plan, leaves,  # pylint: disable=protected-access
                               jnp.float32)
+    per_family = zeros()
+    nu = []
+    for f, p in _second_moment_keys(plan):
+      if p is None:
+        nu.append(per_family[f])
+      else:
+        index, factor = plan.factors_of(f, p)[0]
+        nu.extend(place([jnp.zeros(factor.batch_shape
+                                   + plan.families[f].pieces[p].block,
+                                   jnp.float32)], [index]))
     return SoapState(
         count=jnp.zeros([], jnp.int32),
         stats=place(jnp.zeros(f.shape, jnp.float32) for f in plan.factors),
@@ -340,8 +340,8 @@ def scale_by_soap(
             jnp.broadcast_to(jnp.eye(f.dim, dtype=basis_dtype),
                              f.batch_shape + (f.dim, f.dim))
             for f in plan.factors),
-        mu=zeros(),
-        nu=zeros(),
+        mu=per_family,
+        nu=tuple(nu),
         diagnostics=SoapDiagnostics(
             basis_failures=jnp.zeros([], jnp.int32),
             last_refresh_step=jnp.full([], -1, jnp.int32),
@@ -351,14 +351,15 @@ def scale_by_soap(
 
   def check_state(plan, paths, leaves, state, specs):
     del paths, leaves
-    families = [tuple(m.shape) for m in state.mu]
-    if families != [(fam.units,) + fam.shape for fam in plan.families]:
+    _shampoo._check_layout("scale_by_soap", plan, state.stats, specs)  # pylint: disable=protected-access
+    got = [tuple(m.shape) for m in state.mu + state.nu]
+    expected = ([(fam.units,) + fam.shape for fam in plan.families]
+                + _second_moment_shapes(plan, specs))
+    if got != expected:
       raise ValueError(
           "scale_by_soap: the state was made for other parameters or options"
-          f" (moments {families}; these updates need"
-          f" {[(fam.units,) + fam.shape for fam in plan.families]}). Call"
-          " init with this transformation.")
-    _shampoo._check_layout("scale_by_soap", plan, state.stats, specs)  # pylint: disable=protected-access
+          f" (moments {got}; these updates need {expected}). Call init with"
+          " this transformation.")
 
   def update_core(leaves, state, floats, plan, specs, family_specs):
     b1, b2, eps, beta_s = (jnp.asarray(x, jnp.float32) for x in floats)
@@ -374,32 +375,37 @@ def scale_by_soap(
 
     first = count == 0
     bases = [b.astype(jnp.float32) for b in state.bases]
-    directions, mus, nus = [], [], []
+    bc = lambda b, step: _grafting.bias_correction(b, step)
+    # Diagonal families: Adam from step 0.
+    mus = [pin(_grafting.ema(mu, g, b1), f)
+           for f, (mu, g) in enumerate(zip(state.mu, stacked))]
+    nus = dict(zip(_second_moment_keys(plan), state.nu))
+    directions = {}
     for f, fam in enumerate(plan.families):
-      g, mu, nu = stacked[f], state.mu[f], state.nu[f]
-      if fam.preconditioned:
-        into = functools.partial(
-            _rotate, plan, f,
-            matrices=lambda i: jnp.swapaxes(bases[i], -1, -2), specs=specs)
-        back = functools.partial(_rotate, plan, f,
-                                 matrices=lambda i: bases[i], specs=specs)
-        # Step 0 only initializes the bases; Adam's steps start at 1.
-        adam_step = jnp.maximum(count, 1)
-      else:
-        into = back = lambda x: x
-        adam_step = count + 1
-      new_mu = _grafting.ema(mu, g, b1)
-      new_nu = _grafting.ema(nu, jnp.square(into(g)), b2)
-      rotated = (into(new_mu) / _grafting.bias_correction(b1, adam_step)) / (
-          jnp.sqrt(new_nu / _grafting.bias_correction(b2, adam_step)) + eps)
-      direction = back(rotated)
-      if fam.preconditioned:
-        direction = jnp.where(first, 0.0, direction)
-        new_mu = jnp.where(first, mu, new_mu)
-        new_nu = jnp.where(first, nu, new_nu)
-      directions.append(pin(direction, f))
-      mus.append(new_mu)
-      nus.append(new_nu)
+      if not fam.preconditioned:
+        nus[(f, None)] = _grafting.ema(nus[(f, None)], jnp.square(stacked[f]),
+                                       b2)
+        directions[f] = (mus[f] / bc(b1, count + 1)) / (
+            jnp.sqrt(nus[(f, None)] / bc(b2, count + 1)) + eps)
+    # Preconditioned families, block by block where their factors live. Step
+    # 0 only initializes the bases; Adam's steps start at 1.
+    adam_step = jnp.maximum(count, 1)
+    transposed = lambda i: jnp.swapaxes(bases[i], -1, -2)
+    moments = _shampoo._gradient_blocks(plan, mus, specs)  # pylint: disable=protected-access
+    rotated = {}
+    for key, block in blocks.items():
+      into = functools.partial(_shampoo._multiplied, plan, key,  # pylint: disable=protected-access
+                               matrices=transposed, specs=specs)
+      nu = _grafting.ema(nus[key], jnp.square(into(block)), b2)
+      nus[key] = jnp.where(first, nus[key], nu)
+      rotated[key] = _shampoo._multiplied(  # pylint: disable=protected-access
+          plan, key, (into(moments[key]) / bc(b1, adam_step))
+          / (jnp.sqrt(nu / bc(b2, adam_step)) + eps),
+          lambda i: bases[i], specs)
+    for f, direction in _shampoo._families_of(plan, rotated, specs).items():  # pylint: disable=protected-access
+      directions[f] = jnp.where(first, 0.0, direction)
+      mus[f] = jnp.where(first, state.mu[f], mus[f])
+    directions = [pin(directions[f], f) for f in range(len(plan.families))]
 
     refresh_now = finite & (count > 0) & (count % precondition_every == 0)
     bases, _, rejected_first = _refresh_bases(
@@ -410,13 +416,13 @@ def scale_by_soap(
     # refresh sorts: the cond spares every other step the gathers, and
     # yields zeros (selected below) rather than passing V through, which
     # would copy it.
-    for f, fam in enumerate(plan.families):
-      if fam.preconditioned:
-        permuted = jax.lax.cond(
-            refresh_now,
-            functools.partial(_permute, plan, f, specs=specs),
-            lambda nu, _: jnp.zeros_like(nu), nus[f], orders)
-        nus[f] = jnp.where(refresh_now, permuted, nus[f])
+    for key in blocks:
+      permuted = jax.lax.cond(
+          refresh_now,
+          functools.partial(_permuted, plan, key, specs=specs),
+          lambda nu, _: jnp.zeros_like(nu), nus[key], orders)
+      nus[key] = jnp.where(refresh_now, permuted, nus[key])
+    nus = [nus[key] for key in _second_moment_keys(plan)]
 
     keep = functools.partial(_shampoo._kept_where, finite)  # pylint: disable=protected-access
     directions = [jnp.where(finite, d, 0.0) for d in directions]

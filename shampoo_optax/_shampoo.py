@@ -377,6 +377,40 @@ def _rows(array: jax.Array, nbatch: int) -> jax.Array:
   return array.reshape((math.prod(batch),) + array.shape[nbatch:])
 
 
+# Matrices whose roots are computed at once: unpacked, a batch of them takes
+# at most this many bytes (a few such temporaries live during the root).
+_ROOT_BATCH_BYTES = 32 * 2**20
+
+
+def _packed_roots(packed: jax.Array, *, dim: int, p: int, method: str,
+                  ridge_epsilon) -> tuple[jax.Array, jax.Array]:
+  """Packed inverse roots of packed ``[m, *packed]`` matrices, and errors.
+
+  In batches of at most `_ROOT_BATCH_BYTES` unpacked, one after the other,
+  so that a refresh of every root does not hold all of them unpacked.
+  """
+
+  def batch(c):
+    result = _roots.stacked_inverse_pth_root(
+        _symmetric.unpack(c, dim), p, method=method,
+        ridge_epsilon=ridge_epsilon)
+    return _symmetric.pack(result.root), result.error
+
+  size = max(1, _ROOT_BATCH_BYTES // (4 * dim * dim))
+  if packed.shape[0] <= size:
+    return batch(packed)
+  count, rest = divmod(packed.shape[0], size)
+  full = count * size
+  roots, errors = jax.lax.map(
+      batch, packed[:full].reshape((count, size) + packed.shape[1:]))
+  roots, errors = roots.reshape((full,) + roots.shape[2:]), errors.reshape(-1)
+  if not rest:
+    return roots, errors
+  last_roots, last_errors = batch(packed[full:])
+  return (jnp.concatenate([roots, last_roots]),
+          jnp.concatenate([errors, last_errors]))
+
+
 def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,
                    specs, *, num_phases, root_method):
   """Recomputes the roots of phases ``[lo, hi)`` of every device's rows.
@@ -422,17 +456,14 @@ def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,
         # hoist the roots out of the loop, computing them on every step,
         # whatever the trip count. A cond on k (true inside the loop) keeps
         # them in.
-        result = jax.lax.cond(
+        new_roots, error = jax.lax.cond(
             k < hi,
-            lambda c, dim=dim, p=p: _roots.stacked_inverse_pth_root(
-                _symmetric.unpack(c, dim), p, method=root_method,
-                ridge_epsilon=eps),
-            lambda c, dim=dim: _roots.InverseRootResult(
-                jnp.zeros(c.shape[:1] + (dim, dim), jnp.float32),
-                jnp.full(c.shape[:1], jnp.inf, jnp.float32)),
+            functools.partial(_packed_roots, dim=dim, p=p,
+                              method=root_method, ridge_epsilon=eps),
+            lambda c: (jnp.zeros(c.shape, jnp.float32),
+                       jnp.full(c.shape[:1], jnp.inf, jnp.float32)),
             candidates)
-        new_roots = _symmetric.pack(result.root)
-        ok = jnp.isfinite(result.error) & (result.error <= max_error)
+        ok = jnp.isfinite(error) & (error <= max_error)
         offset = 0
         for i, (start, size) in zip(members, shares):
           part = slice(offset, offset + size)
@@ -445,8 +476,7 @@ def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,
           refreshed_at[i] = put(refreshed_at[i], jnp.where(
               ok[part] & own, count, take(refreshed_at[i], start, size)),
                                 start)
-          errors[i] = put(errors[i], jnp.where(own, result.error[part], 0.0),
-                          start)
+          errors[i] = put(errors[i], jnp.where(own, error[part], 0.0), start)
           rejected[i] = put(rejected[i], ~ok[part] & own, start)
       return roots, refreshed_at, errors, rejected
 

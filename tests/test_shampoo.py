@@ -139,6 +139,20 @@ def test_blocked_and_merged_against_numpy(shape, block_size, b2):
     assert rel_err(u, expected) < 5e-5
 
 
+def test_roots_computed_in_batches_against_numpy(monkeypatch):
+  # Batches of 3 matrices of 4 x 4: the 40 roots of the 5 x 4 blocks of a
+  # 20 x 16 matrix (a left and a right factor each) go in 13 full batches and
+  # a remainder of 1, one after the other.
+  monkeypatch.setattr(_shampoo, "_ROOT_BATCH_BYTES", 3 * 4 * 4 * 4)
+  grads = random_grads((20, 16), steps=3, seed=2)
+  ours, state = run(shampoo_optax.scale_by_shampoo(block_size=4, **PAPER),
+                    grads)
+  assert [s.shape[:-2] for s in state.stats] == [(1, 5, 4)] * 2
+  ref = NumpyShampoo((4, 4))
+  for g, u in zip(grads, ours):
+    assert rel_err(u, ref.update(np.asarray(g))) < 5e-5
+
+
 def test_exponent_override():
   grads = random_grads((5, 6), steps=2, seed=2)
   ours, _ = run(shampoo_optax.scale_by_shampoo(

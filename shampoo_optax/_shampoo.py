@@ -469,15 +469,15 @@ def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,
           part = slice(offset, offset + size)
           offset += size
           own = take(valid[i], start, size)
+          accepted = ok[part] & own
           old = take(roots[i], start, size)
-          accept = (ok[part] & own).reshape((size,) + (1,) * (old.ndim - 1))
           roots[i] = put(roots[i], jnp.where(
-              accept, new_roots[part].astype(old.dtype), old), start)
+              accepted.reshape((size,) + (1,) * (old.ndim - 1)),
+              new_roots[part].astype(old.dtype), old), start)
           refreshed_at[i] = put(refreshed_at[i], jnp.where(
-              ok[part] & own, count, take(refreshed_at[i], start, size)),
-                                start)
+              accepted, count, take(refreshed_at[i], start, size)), start)
           errors[i] = put(errors[i], jnp.where(own, error[part], 0.0), start)
-          rejected[i] = put(rejected[i], ~ok[part] & own, start)
+          rejected[i] = put(rejected[i], own & ~ok[part], start)
       return roots, refreshed_at, errors, rejected
 
     per_row = lambda dtype: [jnp.zeros(x.shape[:1], dtype)

@@ -29,8 +29,8 @@ mesh axes chosen once, from shapes and the parameters' shardings:
    count as failures.
 
 A factor's shapes depend on the mesh only in the padded case (3);
-`_placement` keeps the padding out of checkpoints. Within the jitted update every
-factor is pinned to its split, the roots of each device's blocks are
+`_placement` keeps the padding out of checkpoints. Within the jitted update
+every factor is pinned to its split, the roots of each device's blocks are
 computed under `jax.shard_map` (owner computes: a custom call such as
 LAPACK's ``eigh`` would otherwise be free to be replicated), and no root
 ever moves.
@@ -40,7 +40,8 @@ the parameters' shardings are in their types and the Shampoo arithmetic runs
 inside `jax.sharding.auto_axes`, with the caller's types as output
 shardings; with ``Auto`` axes (the "pjit way", `jax.jit` with
 ``in_shardings``/``out_shardings``) the parameters' shardings are not visible
-while tracing, so only step 2 applies.
+while tracing, so only steps 2 and 3 apply, and the per-family arrays are
+split alike the per-family state (`family_pins`).
 """
 
 from __future__ import annotations

@@ -62,10 +62,9 @@ class SoapState(NamedTuple):
     count: number of (finite) updates applied so far.
     stats: the Shampoo statistics, one float32 ``[n, *grid, *packed]``
       array per factor (or padded rows, see `shampoo_optax.ShampooState`).
-    bases: the eigenbases, one ``[n, *grid, d, d]`` array (or ``[rows, d,
-      d]``) per factor in
-      ``basis_dtype`` (column ``j`` is the ``j``-th eigenvector, by
-      decreasing eigenvalue).
+    bases: the eigenbases, one ``[n, *grid, d, d]`` (or ``[rows, d, d]``)
+      array per factor in ``basis_dtype`` (column ``j`` is the ``j``-th
+      eigenvector, by decreasing eigenvalue).
     mu: Adam's first moment, one float32 ``[units, *shape]`` array per
       family, in the parameters' coordinates.
     nu: Adam's second moment: for a diagonal family one ``[units, *shape]``
@@ -375,12 +374,12 @@ def scale_by_soap(
 
     first = count == 0
     bases = [b.astype(jnp.float32) for b in state.bases]
-    bc = lambda b, step: _grafting.bias_correction(b, step)
-    # Diagonal families: Adam from step 0.
+    bc = _grafting.bias_correction
     mus = [pin(_grafting.ema(mu, g, b1), f)
            for f, (mu, g) in enumerate(zip(state.mu, stacked))]
     nus = dict(zip(_second_moment_keys(plan), state.nu))
     directions = {}
+    # Diagonal families: Adam from step 0.
     for f, fam in enumerate(plan.families):
       if not fam.preconditioned:
         nus[(f, None)] = _grafting.ema(nus[(f, None)], jnp.square(stacked[f]),

@@ -152,3 +152,28 @@ def test_tiny_decoder_measurement():
       git=dict(commit="x"), machine=dict(jax_version=jax.__version__)))
   assert "| tiny (" in text and "| tiny | per layer |" in text
   assert "shampoo (staggered)" in text
+
+
+def test_fsdp_update_at_125m_stays_within_the_memory_targets():
+  """The 125M decoder's update, FSDP over 8 devices, compiled on abstract
+  parameters: the state is total / 8 per device (its 12 layers' 6 x 18 and
+  6 x 6 block grids are stored as padded rows), and the update's temporaries
+  are at most twice that state."""
+  from benchmarks import scale_bench  # pylint: disable=g-import-not-at-top
+  import shampoo_optax  # pylint: disable=g-import-not-at-top
+
+  mesh = jax.make_mesh((8,), (scale_bench.AXIS,),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  params = scale_bench.abstract_params(scale_bench.CONFIGS["125m"], mesh)
+  options, _ = scale_bench.shampoo_options(params)
+  tx = shampoo_optax.shampoo(1e-3, **options)
+  with jax.set_mesh(mesh):
+    state = jax.eval_shape(tx.init, params)
+  per_device = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
+  total = shampoo_optax.state_report(
+      shampoo_optax.shampoo(1e-3, **{**options, "shard_axes": None}),
+      jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
+                   params)).total()
+  assert per_device <= 1.01 * total / 8, (per_device, total / 8)
+  temp = scale_bench.update_memory(tx, params, state, mesh)["temp"]
+  assert temp <= 2 * per_device, (temp, per_device)

@@ -377,38 +377,44 @@ def _rows(array: jax.Array, nbatch: int) -> jax.Array:
   return array.reshape((math.prod(batch),) + array.shape[nbatch:])
 
 
-# Matrices whose roots are computed at once: unpacked, a batch of them takes
-# at most this many bytes (a few such temporaries live during the root).
-_ROOT_BATCH_BYTES = 32 * 2**20
+# Rows of matrices computed at once (roots, bases): unpacked, a batch of them
+# takes at most this many bytes (a few such temporaries live meanwhile).
+_BATCH_BYTES = 32 * 2**20
+
+
+def _in_batches(fn, *arrays, row_bytes: int):
+  """``fn(*arrays)`` computed on batches of rows, one after the other.
+
+  ``fn`` maps arrays ``[m, ...]`` to a pytree of arrays ``[m, ...]``, each
+  row on its own; it is called on at most ``_BATCH_BYTES // row_bytes`` rows
+  at a time, so that what it unpacks is not held for all rows at once.
+  """
+  size = max(1, _BATCH_BYTES // row_bytes)
+  rows = arrays[0].shape[0]
+  if rows <= size:
+    return fn(*arrays)
+  count, rest = divmod(rows, size)
+  full = count * size
+  out = jax.lax.map(lambda xs: fn(*xs), tuple(
+      x[:full].reshape((count, size) + x.shape[1:]) for x in arrays))
+  out = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), out)
+  if not rest:
+    return out
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out,
+                      fn(*(x[full:] for x in arrays)))
 
 
 def _packed_roots(packed: jax.Array, *, dim: int, p: int, method: str,
                   ridge_epsilon) -> tuple[jax.Array, jax.Array]:
-  """Packed inverse roots of packed ``[m, *packed]`` matrices, and errors.
+  """Packed inverse roots of packed ``[m, *packed]`` matrices, and errors."""
 
-  In batches of at most `_ROOT_BATCH_BYTES` unpacked, one after the other,
-  so that a refresh of every root does not hold all of them unpacked.
-  """
-
-  def batch(c):
+  def roots(c):
     result = _roots.stacked_inverse_pth_root(
         _symmetric.unpack(c, dim), p, method=method,
         ridge_epsilon=ridge_epsilon)
     return _symmetric.pack(result.root), result.error
 
-  size = max(1, _ROOT_BATCH_BYTES // (4 * dim * dim))
-  if packed.shape[0] <= size:
-    return batch(packed)
-  count, rest = divmod(packed.shape[0], size)
-  full = count * size
-  roots, errors = jax.lax.map(
-      batch, packed[:full].reshape((count, size) + packed.shape[1:]))
-  roots, errors = roots.reshape((full,) + roots.shape[2:]), errors.reshape(-1)
-  if not rest:
-    return roots, errors
-  last_roots, last_errors = batch(packed[full:])
-  return (jnp.concatenate([roots, last_roots]),
-          jnp.concatenate([errors, last_errors]))
+  return _in_batches(roots, packed, row_bytes=4 * dim * dim)
 
 
 def _refresh_roots(plan, stats, roots, refreshed_at, phases, count, floats,

@@ -142,8 +142,8 @@ def _refresh_bases(plan, stats, bases, now, specs, *, method: str):
   def body(arrays, replicated):
     (now,) = replicated
     shapes = [x.shape for x in arrays[1]]
-    stats = [_symmetric.unpack(_shampoo._rows(s, n), f.dim)  # pylint: disable=protected-access
-             for s, n, f in zip(arrays[0], nbatch, plan.factors)]
+    stats = [_shampoo._rows(s, n)  # pylint: disable=protected-access
+             for s, n in zip(arrays[0], nbatch)]
     old = [_shampoo._rows(q, n).astype(jnp.float32)  # pylint: disable=protected-access
            for q, n in zip(arrays[1], nbatch)]
     valid = [_shampoo._rows(v, n) for v, n in zip(arrays[2], nbatch)]  # pylint: disable=protected-access
@@ -151,11 +151,16 @@ def _refresh_bases(plan, stats, bases, now, specs, *, method: str):
                 for f, q in zip(plan.factors, old)]
 
     def compute(stats, old):
-      if method == "eigh":
-        return [_roots.lapack_safe_map(_eigenbasis, _normalized(s))
-                for s in stats]
-      return [_roots.lapack_safe_map(_power_qr, _normalized(s), q)
-              for s, q in zip(stats, old)]
+      out = []
+      for s, q, f in zip(stats, old, plan.factors):
+        unpacked = lambda s, f=f: _normalized(_symmetric.unpack(s, f.dim))
+        basis = (
+            (lambda s, q: _roots.lapack_safe_map(_eigenbasis, unpacked(s)))
+            if method == "eigh" else
+            (lambda s, q: _roots.lapack_safe_map(_power_qr, unpacked(s), q)))
+        out.append(_shampoo._in_batches(basis, s, q,  # pylint: disable=protected-access
+                                        row_bytes=4 * f.dim * f.dim))
+      return out
 
     # Zeros where not refreshing, selected below: a cond branch that passes
     # the bases through would copy them.

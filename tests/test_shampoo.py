@@ -143,7 +143,7 @@ def test_roots_computed_in_batches_against_numpy(monkeypatch):
   # Batches of 3 matrices of 4 x 4: the 40 roots of the 5 x 4 blocks of a
   # 20 x 16 matrix (a left and a right factor each) go in 13 full batches and
   # a remainder of 1, one after the other.
-  monkeypatch.setattr(_shampoo, "_ROOT_BATCH_BYTES", 3 * 4 * 4 * 4)
+  monkeypatch.setattr(_shampoo, "_BATCH_BYTES", 3 * 4 * 4 * 4)
   grads = random_grads((20, 16), steps=3, seed=2)
   ours, state = run(shampoo_optax.scale_by_shampoo(block_size=4, **PAPER),
                     grads)

@@ -13,6 +13,7 @@ import pytest
 
 from numerics import assert_close
 from shampoo_optax import _blocks
+from shampoo_optax import _shampoo
 from shampoo_optax import _soap
 
 OPTIONS = dict(b1=0.9, b2=0.95, eps=1e-8, shampoo_beta=0.9)
@@ -114,9 +115,13 @@ def run(tx, grads, state=None):
     ((12, 8), 4),     # 4 x 4 blocks
     ((4, 4, 4), 4),   # rank 3, not merged
 ])
-def test_square_blocks_against_numpy(shape, block_size):
+@pytest.mark.parametrize("batched", [False, True])
+def test_square_blocks_against_numpy(shape, block_size, batched,
+                                     monkeypatch):
   # Each block's first statistics are full rank with distinct eigenvalues,
   # so float32 and float64 eigenbases agree up to signs (which SOAP ignores).
+  if batched:  # Bases of 4 blocks at a time: a full batch and a remainder.
+    monkeypatch.setattr(_shampoo, "_BATCH_BYTES", 4 * 4 * 4 * 4)
   grads = random_grads(shape, steps=8, seed=1)
   tx = _soap.scale_by_soap(block_size=block_size, precondition_every=3,
                            **OPTIONS)

@@ -174,11 +174,11 @@ def _all_axes(mesh, axis_type: AxisType):
 def unpad_state(tx, params, state):
   """The state in the checkpoint layout: no padding rows, mesh-independent.
 
-  On a mesh some factors are stored as padded rows (see the module
-  docstring); call this on the training state before saving it, and
-  `pad_state` after restoring it (onto any mesh, through
-  ``abstract_state(..., padded=False)``). Without padding rows it returns
-  the state as it is. The arrays stay split over the state's mesh.
+  On a mesh some factors are stored as padded rows (see `_sharding`); call
+  this on the training state before saving it, and `pad_state` after
+  restoring it (onto any mesh, through ``abstract_state(...,
+  padded=False)``). Without padding rows it returns the state as it is. The
+  arrays stay split over the state's mesh.
 
   Args:
     tx: the ``optax.GradientTransformation`` the state belongs to.

@@ -579,8 +579,9 @@ def state_model(config: Config, devices: int, per_layer: bool,
   batch axes and the per-family arrays (grafting accumulator, momentum) are
   split by the library's own rules (`_sharding.factor_batch_specs`,
   `_sharding.family_spec`) on an abstract ``devices``-device mesh, padded
-  rows included (`_sharding.layout_batch_shape`); scalars are replicated. ``per_layer`` passes ``layer_axes``
-  (axis 0 of the stacked layer leaves), else they are ``[L, ...]`` tensors.
+  rows included (`_sharding.layout_batch_shape`); scalars are replicated.
+  ``per_layer`` passes ``layer_axes`` (axis 0 of the stacked layer leaves),
+  else they are ``[L, ...]`` tensors.
   ``options``: Shampoo's recorded options.
   """
   leaves = jax.tree_util.tree_leaves_with_path(

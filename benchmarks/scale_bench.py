@@ -593,10 +593,12 @@ def state_model(config: Config, devices: int, per_layer: bool,
     shapes.append(shape)
     layer_axes.append((0,) if per_layer and layered else ())
     specs.append(spec + (None,) * (len(shape) - len(spec)))
+  shards = tuple(tuple(devices if e else 1 for e in spec) for spec in specs)
   plan = _blocks.make_plan(tuple(shapes), tuple(layer_axes),
                            options["block_size"],
                            options["max_precondition_dim"],
-                           options["exponent_override"])
+                           options["exponent_override"],
+                           shards if options.get("cut_at_shards") else None)
   mesh = jax.sharding.AbstractMesh((devices,), (AXIS,),
                                    axis_types=(AxisType.Explicit,))
   with jax.sharding.use_abstract_mesh(mesh):

@@ -20,6 +20,11 @@ each). Its gradients are the parameters themselves. Layouts, each with
 * ``fsdp_stacked_rows``: one ``[layers, dim, dim]`` leaf with
   ``layer_axes=0``, split along its rows (``P(None, "data", None)``),
   explicit mesh: the FSDP of a scanned model (as in ``scale_bench``).
+  With ``dim / 8`` rows per device not a multiple of ``block_size``, blocks
+  straddle two devices' rows.
+* ``fsdp_stacked_rows_cut``: the same with ``cut_at_shards=True``: blocks
+  are cut at the shard boundaries (64 x 128 blocks at the defaults), so
+  nothing should move.
 * ``fsdp_stacked_layers``: the same leaf split along its layer axis
   (``P("data", None, None)``): every device owns whole layers, so the
   factors follow the parameter and nothing should move.
@@ -82,7 +87,7 @@ _COLLECTIVE = re.compile(
     r"reduce-scatter)(?:-start)?\((?:.*?op_name=\"([^\"]*)\")?")
 _DTYPE_BYTES = {"f32": 4, "s32": 4, "bf16": 2, "f16": 2, "pred": 1, "u32": 4}
 LAYOUTS = ("data_parallel", "fsdp_leaves", "fsdp_stacked_rows",
-           "fsdp_stacked_layers")
+           "fsdp_stacked_rows_cut", "fsdp_stacked_layers")
 
 
 def _stage(op_name: str, shapes) -> str:
@@ -132,7 +137,7 @@ def _params(layout: str, mesh, args):
     return {f"layer{i:02d}": jax.device_put(
         jax.random.normal(k, shape) / args.dim**0.5, sharding)
             for i, k in enumerate(keys)}, None
-  spec = (P(None, "data", None) if layout == "fsdp_stacked_rows"
+  spec = (P(None, "data", None) if layout.startswith("fsdp_stacked_rows")
           else P("data", None, None))
   stacked = jax.random.normal(keys[0], (args.layers,) + shape) / args.dim**0.5
   return {"layers": jax.device_put(stacked, NamedSharding(mesh, spec))}, {
@@ -168,7 +173,7 @@ def _time_steps(layout, count, args, precondition_every, refresh="all",
   tx = shampoo_optax.scale_by_shampoo(
       block_size=args.block_size, precondition_every=precondition_every,
       start_preconditioning_step=0, shard_axes="data", refresh=refresh,
-      layer_axes=layer_axes)
+      layer_axes=layer_axes, cut_at_shards=layout.endswith("_cut"))
   with jax.set_mesh(mesh):
     if layout == "data_parallel":
       state_sh = shampoo_optax.state_shardings(tx, params, mesh)

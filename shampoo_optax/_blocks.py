@@ -21,7 +21,8 @@ result tells the update how to
   layer (the compiled program does not grow with the number of layers);
 * cut a family into *pieces*, the regions of full blocks and of remainder
   blocks along each axis (at most ``block_size`` per side), each viewed as
-  ``[n, *grid, *block]``;
+  ``[n, *grid, *block]``; optionally an axis is first cut into equal
+  *spans*, a parameter's shards, and each span is blocked on its own;
 * keep, for every axis of every piece, one *factor*: the statistics of that
   axis of all its blocks, ``[n, *grid, *packed]`` (symmetric matrices as
   packed triangles, see `_symmetric`).
@@ -29,7 +30,8 @@ result tells the update how to
 A factor's leading axes ``[n, *grid]`` are those of its blocks, so block
 ``i``'s statistics, root and gradient share an index: preconditioning is
 local wherever they are split alike (see `_sharding`). The shapes depend on
-the parameters and the options only, never on a mesh.
+the parameters and the options only, and on the parameters' shard counts
+where blocks are cut at shards, never on anything else of a mesh.
 """
 
 import dataclasses
@@ -69,15 +71,22 @@ class Member:
 class Piece:
   """A region of a family's units, cut into equal blocks.
 
+  Axis ``a`` is first cut into ``cuts[a]`` equal *spans* (1: the whole
+  axis; more where a parameter's shards would split blocks, see
+  `make_plan`); the piece covers ``[start[a], start[a] + grid[a] / cuts[a]
+  * block[a])`` of every span, its blocks ordered span by span.
+
   Attributes:
-    start: start of the region along each family axis.
-    grid: number of blocks along each axis.
+    start: start of the region within each span, along each family axis.
+    grid: number of blocks along each axis, over all spans.
     block: the block shape.
+    cuts: number of spans along each axis.
   """
 
   start: Shape
   grid: Shape
   block: Shape
+  cuts: Shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,16 +239,27 @@ class Plan:
     return leaves
 
 
+def _spans(shape: Shape, cuts: Shape) -> Shape:
+  """``[*shape]`` viewed as ``[cuts[0], span[0], cuts[1], span[1], ...]``."""
+  return tuple(itertools.chain(*((c, d // c) for d, c in zip(shape, cuts))))
+
+
 def blocks_of(stacked: jax.Array, piece: Piece) -> jax.Array:
   """``[n, *shape]`` -> the piece's blocks ``[n, *grid, *block]``."""
   k = len(piece.grid)
-  region = stacked[(slice(None),) + tuple(
-      slice(s, s + g * b)
-      for s, g, b in zip(piece.start, piece.grid, piece.block))]
-  x = region.reshape(
-      (region.shape[0],) + tuple(itertools.chain(*zip(piece.grid, piece.block))))
-  return x.transpose((0,) + tuple(range(1, 2 * k + 1, 2))
-                     + tuple(range(2, 2 * k + 1, 2)))
+  n = stacked.shape[0]
+  per_span = [g // c for g, c in zip(piece.grid, piece.cuts)]
+  x = stacked.reshape((n,) + _spans(stacked.shape[1:], piece.cuts))
+  x = x[(slice(None),) + tuple(itertools.chain(*(
+      (slice(None), slice(s, s + g * b))
+      for s, g, b in zip(piece.start, per_span, piece.block))))]
+  x = x.reshape((n,) + tuple(itertools.chain(
+      *zip(piece.cuts, per_span, piece.block))))
+  # [n, c0, g0, b0, c1, g1, b1, ...] -> [n, c0, g0, c1, g1, ..., b0, b1, ...]
+  x = x.transpose((0,) + tuple(itertools.chain(
+      *((3 * a + 1, 3 * a + 2) for a in range(k))))
+                  + tuple(3 * a + 3 for a in range(k)))
+  return x.reshape((n,) + piece.grid + piece.block)
 
 
 def assemble(blocks: Sequence[jax.Array], pieces: Sequence[Piece]) -> jax.Array:
@@ -247,19 +267,25 @@ def assemble(blocks: Sequence[jax.Array], pieces: Sequence[Piece]) -> jax.Array:
   regions = {}
   for x, piece in zip(blocks, pieces):
     k = len(piece.grid)
-    x = x.transpose((0,) + tuple(
-        itertools.chain(*zip(range(1, k + 1), range(k + 1, 2 * k + 1)))))
-    regions[piece.start] = x.reshape(
-        (x.shape[0],) + tuple(g * b for g, b in zip(piece.grid, piece.block)))
-  return _concatenate_grid(regions, 0)
+    n = x.shape[0]
+    per_span = [g // c for g, c in zip(piece.grid, piece.cuts)]
+    x = x.reshape((n,) + tuple(itertools.chain(*zip(piece.cuts, per_span)))
+                  + piece.block)
+    x = x.transpose((0,) + tuple(itertools.chain(
+        *((2 * a + 1, 2 * a + 2, 2 * k + a + 1) for a in range(k)))))
+    regions[piece.start] = x.reshape((n,) + tuple(itertools.chain(*(
+        (c, g * b) for c, g, b in zip(piece.cuts, per_span, piece.block)))))
+  x = _concatenate_grid(regions, 0)
+  return x.reshape((x.shape[0],) + tuple(
+      c * s for c, s in zip(x.shape[1::2], x.shape[2::2])))
 
 
 def _concatenate_grid(regions: dict[Shape, jax.Array], axis: int) -> jax.Array:
   """Concatenates regions keyed by their start back into one tensor.
 
-  The regions form a grid (a choice of full-blocks part or remainder part on
-  every axis), so grouping by the start on ``axis`` and recursing on the next
-  axis rebuilds the tensor.
+  The regions ``[n, c0, s0, c1, s1, ...]`` form a grid (a choice of
+  full-blocks part or remainder part on every axis), so grouping by the
+  start on ``axis`` and recursing on the next axis rebuilds the spans.
   """
   if len(regions) == 1:
     return next(iter(regions.values()))
@@ -268,7 +294,7 @@ def _concatenate_grid(regions: dict[Shape, jax.Array], axis: int) -> jax.Array:
     slabs.setdefault(start[axis], {})[start] = region
   return jnp.concatenate(
       [_concatenate_grid(slabs[s], axis + 1) for s in sorted(slabs)],
-      axis=axis + 1)
+      axis=2 * axis + 2)
 
 
 def merge_dims(shape: Shape, limit: int) -> tuple[Shape, tuple[Shape, ...]]:
@@ -295,16 +321,28 @@ def merge_dims(shape: Shape, limit: int) -> tuple[Shape, tuple[Shape, ...]]:
   return tuple(merged), tuple(tuple(g) for g in groups)
 
 
-def _pieces(shape: Shape, block_size: int) -> tuple[Piece, ...]:
-  # Per axis: the run of full blocks and the remainder block, if any.
+def _pieces(shape: Shape, block_size: int, cuts: Shape) -> tuple[Piece, ...]:
+  # Per axis: the run of full blocks and the remainder block of each span.
   parts = []
-  for dim in shape:
-    full, rest = divmod(dim, block_size)
-    parts.append(([(0, full, block_size)] if full else [])
-                 + ([(full * block_size, 1, rest)] if rest else []))
+  for dim, c in zip(shape, cuts):
+    full, rest = divmod(dim // c, block_size)
+    parts.append(([(0, c * full, block_size)] if full else [])
+                 + ([(full * block_size, c, rest)] if rest else []))
   return tuple(
-      Piece(*(tuple(c[i] for c in combo) for i in range(3)))
+      Piece(*(tuple(part[i] for part in combo) for i in range(3)), cuts)
       for combo in itertools.product(*parts))
+
+
+def _cuts(merged: Shape, merged_from: tuple[Shape, ...], shards: Shape,
+          block_size: int) -> Shape:
+  """How many spans each merged axis is cut into (see `make_plan`)."""
+  cuts = []
+  for dim, group in zip(merged, merged_from):
+    k = shards[group[0]]
+    misaligned = (dim // k) % block_size != 0
+    cuts.append(k if k > 1 and dim % k == 0 and misaligned
+                and all(shards[a] == 1 for a in group[1:]) else 1)
+  return tuple(cuts)
 
 
 @functools.lru_cache(maxsize=64)
@@ -314,6 +352,7 @@ def make_plan(
     block_size: int,
     max_precondition_dim: int,
     exponent_override: int | None = None,
+    shards: tuple[Shape, ...] | None = None,
 ) -> Plan:
   """Builds the static plan for leaves of the given shapes.
 
@@ -324,6 +363,12 @@ def make_plan(
     max_precondition_dim: units with a (merged) dim above this are diagonal.
     exponent_override: root exponent ``p`` for every factor (``X^(-1/p)``);
       ``None`` uses ``p = 2k`` for a rank-``k`` merged unit.
+    shards: for every leaf, the number of shards of each of its axes, to cut
+      blocks at the shard boundaries; ``None``: cut nowhere. A merged axis
+      whose major leaf axis has ``k > 1`` shards (its minor ones none) that
+      blocks of ``block_size`` would straddle is cut into ``k`` spans, each
+      blocked on its own: e.g. 768 rows in 8 shards, block 128, become 8
+      blocks of 96 (not 6 of 128).
 
   Returns:
     The `Plan`.
@@ -334,26 +379,32 @@ def make_plan(
     unit_axes = tuple(a for a in range(len(shape)) if a not in axes)
     unit_shape = tuple(shape[a] for a in unit_axes)
     merged, groups = merge_dims(unit_shape, merge_limit)
+    merged_from = tuple(tuple(unit_axes[a] for a in g) for g in groups)
     diagonal = (len(merged) < 2 or math.prod(merged) == 0
                 or max(merged) > max_precondition_dim)
-    key = ("diagonal", unit_shape) if diagonal else ("shampoo", merged)
+    if diagonal:
+      key = ("diagonal", unit_shape, None)
+    else:
+      key = ("shampoo", merged, _cuts(
+          merged, merged_from,
+          shards[leaf] if shards else (1,) * len(shape), block_size))
     if key not in members:
       keys.append(key)
       members[key] = []
     offset = sum(m.units for m in members[key])
-    merged_from = tuple(tuple(unit_axes[a] for a in g) for g in groups)
     members[key].append(Member(leaf, tuple(axes), offset,
                                math.prod(shape[a] for a in axes), merged_from))
     family_of_leaf.append(keys.index(key))
 
   families, factors = [], []
-  for index, (kind, shape) in enumerate(keys):
+  for index, key in enumerate(keys):
+    kind, shape, cuts = key
     if kind == "diagonal":
-      families.append(Family(shape, tuple(members[(kind, shape)]), (), 0))
+      families.append(Family(shape, tuple(members[key]), (), 0))
       continue
     p = exponent_override or 2 * len(shape)
-    family = Family(shape, tuple(members[(kind, shape)]),
-                    _pieces(shape, block_size), p)
+    family = Family(shape, tuple(members[key]),
+                    _pieces(shape, block_size, cuts), p)
     families.append(family)
     for piece_index, piece in enumerate(family.pieces):
       for axis, dim in enumerate(piece.block):

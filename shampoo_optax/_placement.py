@@ -142,8 +142,9 @@ def _relaid(state, target, source, mesh, what: str):
       raise ValueError(
           f"{what}: state{jax.tree_util.keystr(path)} has shape"
           f" {tuple(x.shape)}, expected {tuple(s.shape)}: the state was made"
-          " with other options, for other parameters or (unpad_state) for"
-          " another mesh.")
+          " with other options, for other parameters, (unpad_state) for"
+          " another mesh, or (pad_state) with cut_at_shards for parameters"
+          " split into other shard counts.")
   shapes = [t.shape for t in jax.tree.leaves(target)]
   treedef = jax.tree.structure(state)
 

@@ -122,6 +122,7 @@ STATIC_OPTIONS = (
     "layer_axes",
     "mu_dtype",
     "preconditioner_dtype",
+    "cut_at_shards",
     "mask",
 )
 
@@ -253,12 +254,15 @@ def _resolve_layer_axes(layer_axes, tree, paths, leaves, treedef):
 
 
 def _plan_of(tree, layer_axes, block_size: int, max_precondition_dim: int,
-             exponent_override=None, transform: str = "scale_by_shampoo"):
+             exponent_override=None, cut_at_shards: bool = False,
+             transform: str = "scale_by_shampoo"):
   """The plan of a tree of updates or params, and its flattened leaves."""
   paths, leaves, treedef = _as_leaves(tree, "update", transform)
   axes = _resolve_layer_axes(layer_axes, tree, paths, leaves, treedef)
-  plan = _blocks.make_plan(tuple(tuple(x.shape) for x in leaves), axes,
-                           block_size, max_precondition_dim, exponent_override)
+  plan = _blocks.make_plan(
+      tuple(tuple(x.shape) for x in leaves), axes, block_size,
+      max_precondition_dim, exponent_override,
+      _sharding.shard_counts(leaves) if cut_at_shards else None)
   return plan, paths, leaves, treedef
 
 
@@ -623,7 +627,8 @@ def _check_layout(transform, plan, stats, specs):
       f"{transform}: the state's statistics have shapes {got}, but these"
       f" options, updates and mesh need {expected}: the state was made with"
       " other options (block_size, max_precondition_dim, exponent_override,"
-      " layer_axes), for other parameters or for another mesh. Call init"
+      " layer_axes, cut_at_shards), for other parameters or for another mesh"
+      " (with cut_at_shards, parameters split into other shard counts). Call init"
       " with this transformation, or build it with the options the state was"
       " made with; a checkpoint moves between meshes with"
       " shampoo_optax.unpad_state and shampoo_optax.pad_state.")
@@ -669,6 +674,7 @@ def scale_by_shampoo(
     layer_axes: Any = None,
     mu_dtype: Any = None,
     preconditioner_dtype: Any = jnp.float32,
+    cut_at_shards: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Shampoo's Kronecker-factored preconditioner.
 
@@ -738,6 +744,13 @@ def scale_by_shampoo(
     mu_dtype: dtype of the momentum; ``None`` uses the parameters' dtype.
     preconditioner_dtype: storage dtype of the inverse roots (e.g.
       ``jnp.bfloat16`` halves them); the statistics are always float32.
+    cut_at_shards: under explicit sharding, cut blocks at the boundaries of
+      the parameters' shards where blocks of ``block_size`` would straddle
+      them (e.g. a 768-row kernel split 8 ways, block 128: 8 blocks of 96
+      rows, one per shard, instead of 6 of 128), so that FSDP never gathers
+      a gradient. The state's shapes then depend on those shard counts: a
+      checkpoint restores only where each parameter is split into as many
+      shards.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a `ShampooState`.
@@ -763,7 +776,8 @@ def scale_by_shampoo(
   _check_choice("refresh", refresh, REFRESH_MODES)
   _check_choice("root_method", root_method, _roots.ROOT_METHODS)
   for name, flag in (("nesterov", nesterov), ("heavy_ball", heavy_ball),
-                     ("skip_nonfinite", skip_nonfinite)):
+                     ("skip_nonfinite", skip_nonfinite),
+                     ("cut_at_shards", cut_at_shards)):
     if not isinstance(flag, (bool, np.bool_)):
       raise TypeError(f"{name} must be True or False, got {flag!r}.")
   shard_axes = _sharding.check_shard_axes(shard_axes)
@@ -779,7 +793,7 @@ def scale_by_shampoo(
   plan_for = functools.partial(
       _plan_of, layer_axes=layer_axes, block_size=block_size,
       max_precondition_dim=max_precondition_dim,
-      exponent_override=exponent_override)
+      exponent_override=exponent_override, cut_at_shards=cut_at_shards)
 
   def init_fn(params):
     plan, _, leaves, _ = plan_for(params)
@@ -957,6 +971,7 @@ def shampoo(
     preconditioner_dtype: Any = jnp.float32,
     weight_decay: float = 0.0,
     mask: Any = None,
+    cut_at_shards: bool = False,
 ) -> optax.GradientTransformation:
   r"""Shampoo with decoupled weight decay, the drop-in for ``optax.adamw``.
 
@@ -975,7 +990,8 @@ def shampoo(
       precondition_every, statistics_every, start_preconditioning_step,
       refresh, root_method, exponent_override, nesterov, heavy_ball,
       max_precondition_dim, max_root_error, skip_nonfinite, shard_axes,
-      layer_axes, mu_dtype, preconditioner_dtype: see `scale_by_shampoo`.
+      layer_axes, mu_dtype, preconditioner_dtype, cut_at_shards: see
+      `scale_by_shampoo`.
     weight_decay: decoupled weight decay :math:`\lambda`.
     mask: where to apply weight decay.
 
@@ -1007,6 +1023,7 @@ def shampoo(
           layer_axes=layer_axes,
           mu_dtype=mu_dtype,
           preconditioner_dtype=preconditioner_dtype,
+          cut_at_shards=cut_at_shards,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -141,6 +141,23 @@ def leaf_spec(x) -> tuple[AxisEntry, ...]:
   return entries + (None,) * (x.ndim - len(entries))
 
 
+def shard_counts(leaves) -> tuple[tuple[int, ...], ...]:
+  """For every leaf, into how many shards each axis is split.
+
+  Read from the types (explicit sharding); all 1 where the parameters'
+  shardings are not visible, as on an ``Auto`` mesh.
+  """
+  def counts(x):
+    if "parameters unseen" in _TRACING or not any(leaf_spec(x)):
+      return (1,) * x.ndim
+    mesh = jax.typeof(x).sharding.mesh
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return tuple(math.prod(sizes[a] for a in names_of(e))
+                 for e in leaf_spec(x))
+
+  return tuple(counts(x) for x in leaves)
+
+
 def factor_batch_specs(plan, leaf_specs, shard_axes) -> list[tuple]:
   """The split of every factor's batch axes (see module docstring).
 
@@ -177,10 +194,14 @@ def factor_batch_specs(plan, leaf_specs, shard_axes) -> list[tuple]:
               and not any(layer[1:]) else None]
       for axis, leaf_axes in enumerate(member.merged_from):
         entry = spec[leaf_axes[0]]
-        whole = piece.grid[axis] * piece.block[axis] == family.shape[axis]
+        k = size(names_of(entry))
+        # Each device's shard is whole blocks: the piece spans the axis, or
+        # it was cut at the shards (`_blocks.make_plan`).
+        whole = (piece.grid[axis] * piece.block[axis] == family.shape[axis]
+                 or piece.cuts[axis] % k == 0)
         aligned = (entry is not None and whole
                    and not any(spec[a] for a in leaf_axes[1:])
-                   and piece.grid[axis] % size(names_of(entry)) == 0)
+                   and piece.grid[axis] % k == 0)
         wish.append(entry if aligned else None)
       wishes.append(wish)
     batch = [w if all(other[i] == w for other in wishes) else None

@@ -93,6 +93,7 @@ SOAP_STATIC_OPTIONS = (
     "shard_axes",
     "layer_axes",
     "basis_dtype",
+    "cut_at_shards",
     "mask",
 )
 
@@ -236,6 +237,7 @@ def scale_by_soap(
     shard_axes: _sharding.ShardAxes = None,
     layer_axes: Any = None,
     basis_dtype: Any = jnp.float32,
+    cut_at_shards: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam run in the eigenbasis of Shampoo's factors.
 
@@ -294,6 +296,8 @@ def scale_by_soap(
     layer_axes: axes of a leaf that index stacked layers; see
       `scale_by_shampoo`.
     basis_dtype: storage dtype of the bases (computed in float32).
+    cut_at_shards: cut blocks at the parameters' shard boundaries; see
+      `scale_by_shampoo`.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a `SoapState`.
@@ -309,9 +313,10 @@ def scale_by_soap(
   _shampoo._check_range("b2", b2, 0.0, 1.0)  # pylint: disable=protected-access
   _shampoo._check_range("shampoo_beta", shampoo_beta, 0.0, 1.0)  # pylint: disable=protected-access
   _shampoo._check_range("eps", eps, 0.0)  # pylint: disable=protected-access
-  if not isinstance(skip_nonfinite, (bool, np.bool_)):
-    raise TypeError(
-        f"skip_nonfinite must be True or False, got {skip_nonfinite!r}.")
+  for name, flag in (("skip_nonfinite", skip_nonfinite),
+                     ("cut_at_shards", cut_at_shards)):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(f"{name} must be True or False, got {flag!r}.")
   shard_axes = _sharding.check_shard_axes(shard_axes)
   basis_dtype = _shampoo._check_dtype("basis_dtype", basis_dtype)  # pylint: disable=protected-access
   if basis_dtype is None:
@@ -320,7 +325,8 @@ def scale_by_soap(
   plan_for = functools.partial(
       _shampoo._plan_of,  # pylint: disable=protected-access
       layer_axes=layer_axes, block_size=block_size,
-      max_precondition_dim=max_precondition_dim, transform="scale_by_soap")
+      max_precondition_dim=max_precondition_dim, cut_at_shards=cut_at_shards,
+      transform="scale_by_soap")
 
   def init_fn(params):
     plan, _, leaves, _ = plan_for(params)
@@ -473,6 +479,7 @@ def soap(
     basis_dtype: Any = jnp.float32,
     weight_decay: float = 0.0,
     mask: Any = None,
+    cut_at_shards: bool = False,
 ) -> optax.GradientTransformation:
   r"""SOAP with decoupled weight decay, the drop-in for ``optax.adamw``.
 
@@ -489,7 +496,7 @@ def soap(
     learning_rate: float or ``optax.Schedule``.
     block_size, b1, b2, eps, shampoo_beta, precondition_every,
       max_precondition_dim, skip_nonfinite, shard_axes, layer_axes,
-      basis_dtype: see `scale_by_soap`.
+      basis_dtype, cut_at_shards: see `scale_by_soap`.
     weight_decay: decoupled weight decay :math:`\lambda`.
     mask: where to apply weight decay.
 
@@ -510,6 +517,7 @@ def soap(
           shard_axes=shard_axes,
           layer_axes=layer_axes,
           basis_dtype=basis_dtype,
+          cut_at_shards=cut_at_shards,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

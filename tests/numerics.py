@@ -7,6 +7,8 @@ the CPU (vector width, fused multiply-adds). An element near zero can then
 differ by more than any elementwise relative tolerance, so these compare
 ``max|actual - expected| <= rtol * max|expected|`` per array instead. Bitwise
 equality is kept for programs that are the same.
+
+Also the float64 NumPy Shampoo that the tests compare against.
 """
 
 import jax
@@ -32,3 +34,62 @@ def assert_close(actual, expected, rtol=1e-5, err_msg=""):
     assert error <= rtol * scale or error == 0.0, (
         f"{err_msg} leaf {i}: max|diff| {error:.3e} > {rtol:g} * max|expected|"
         f" {scale:.3e} (ratio {error / max(scale, 1e-300):.3e})")
+
+
+def np_inv_root(stat, p, eps):
+  """Float64 ``(S + eps * lambda_max(S) I)^(-1/p)``; identity for S = 0."""
+  w, v = np.linalg.eigh(stat.astype(np.float64))
+  if w.max() <= 0:
+    return np.eye(len(stat))
+  w = np.maximum(w, 0) + eps * w.max()
+  return (v * w ** (-1.0 / p)) @ v.T
+
+
+def mode_product(x, matrix, axis):
+  """Multiplies axis ``axis`` of ``x`` by ``matrix``."""
+  return np.moveaxis(np.tensordot(matrix, x, axes=([1], [axis])), 0, axis)
+
+
+def unfold_gram(x, axis):
+  rest = [i for i in range(x.ndim) if i != axis]
+  return np.tensordot(x, x, axes=(rest, rest))
+
+
+class NumpyShampoo:
+  """Blocked Shampoo on one tensor in float64, written from the paper."""
+
+  def __init__(self, block_shape, b2=1.0, eps=1e-6, p=None, spans=None):
+    """``spans``: per axis, the number of equal spans it is first cut into
+    (each blocked on its own, as ``cut_at_shards`` does); default 1."""
+    self.block_shape, self.b2, self.eps, self.p = block_shape, b2, eps, p
+    self.spans = spans
+    self.stats = {}
+
+  def blocks(self, shape):
+    spans = self.spans or (1,) * len(shape)
+    ranges = [
+        [(s, min(s + b, e)) for e in range(d // c, d + 1, d // c)
+         for s in range(e - d // c, e, b)]
+        for d, b, c in zip(shape, self.block_shape, spans)
+    ]
+    return [tuple(slice(*r) for r in combo)
+            for combo in np.ndindex(*[len(r) for r in ranges])
+            for combo in [tuple(ranges[i][c] for i, c in enumerate(combo))]]
+
+  def update(self, g, refresh=True):
+    out = np.zeros_like(g, dtype=np.float64)
+    p = self.p or 2 * g.ndim
+    for idx in self.blocks(g.shape):
+      block = g[idx].astype(np.float64)
+      key = tuple((s.start, s.stop) for s in idx)
+      stats = self.stats.setdefault(
+          key, [np.zeros((n, n)) for n in block.shape])
+      for axis in range(block.ndim):
+        gram = unfold_gram(block, axis)
+        stats[axis] = (stats[axis] + gram if self.b2 == 1.0
+                       else self.b2 * stats[axis] + (1 - self.b2) * gram)
+      d = block
+      for axis in range(block.ndim):
+        d = mode_product(d, np_inv_root(stats[axis], p, self.eps), axis)
+      out[idx] = d
+    return out

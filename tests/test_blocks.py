@@ -124,6 +124,55 @@ def test_block_contents_are_the_matrix_tiles():
   np.testing.assert_array_equal(pieces[(2, 3)][0, 0, 0], matrix[8:10, 4:7])
 
 
+@pytest.mark.parametrize(
+    "shape,layer_axes,shards,block_size,cuts",
+    [
+        ((768, 256), (), (8, 1), 128, (8, 1)),  # 96-row shards: 8 x 96 rows
+        ((400, 64), (), (2, 1), 128, (2, 1)),  # 200-row shards: 128 + 72
+        ((3, 48, 40), (0,), (1, 1, 4), 16, (1, 4)),  # stacked: a unit axis
+        ((1024, 64), (), (8, 1), 128, (1, 1)),  # shards of whole blocks
+        ((12, 4, 32), (), (1, 2, 1), 64, (1, 1)),  # 48 x 32, minor axis split
+        ((6, 4, 32), (), (3, 1, 1), 64, (3, 1)),  # 24 x 32, major axis split
+    ],
+)
+def test_blocks_cut_at_shards_are_the_shards_tiles(shape, layer_axes, shards,
+                                                   block_size, cuts):
+  """Each span (a shard) is blocked on its own; where shards hold whole
+  blocks, or a merged axis is split on a minor leaf axis, nothing is cut."""
+  plan = _blocks.make_plan((shape,), (layer_axes,), block_size, 4096, None,
+                           (shards,))
+  family = plan.families[0]
+  assert {p.cuts for p in family.pieces} == {cuts}
+  x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+  stacked = plan.stack([x], 0)
+  tiles = {}
+  for piece in family.pieces:
+    blocks = np.asarray(_blocks.blocks_of(stacked, piece))
+    assert blocks.shape == (family.units,) + piece.grid + piece.block
+    for index in np.ndindex(*piece.grid):
+      # Block ``index`` of the piece: within span ``i // (grid / cuts)``.
+      start = [i // (g // c) * (d // c) + s + i % (g // c) * b
+               for i, g, c, d, s, b in zip(index, piece.grid, piece.cuts,
+                                           family.shape, piece.start,
+                                           piece.block)]
+      tiles[tuple(start)] = piece.block
+      region = tuple(slice(a, a + b) for a, b in zip(start, piece.block))
+      np.testing.assert_array_equal(blocks[(slice(None),) + index],
+                                    np.asarray(stacked)[(slice(None),)
+                                                        + region])
+  # The blocks tile the unit, none straddles a span boundary.
+  assert sum(np.prod(b) for b in tiles.values()) == np.prod(family.shape)
+  for start, block in tiles.items():
+    for a, (s, b, c) in enumerate(zip(start, block, cuts)):
+      span = family.shape[a] // c
+      assert s // span == (s + b - 1) // span
+  np.testing.assert_array_equal(
+      _blocks.assemble([_blocks.blocks_of(stacked, p) for p in family.pieces],
+                       family.pieces), stacked)
+  uncut = _blocks.make_plan((shape,), (layer_axes,), block_size, 4096)
+  assert (plan == uncut) == (cuts == (1,) * len(cuts))
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 17, 44, 128])
 def test_packed_triangles(n):
   rng = np.random.default_rng(n)

@@ -11,6 +11,8 @@ import optax
 import pytest
 
 from numerics import assert_close
+from numerics import np_inv_root
+from numerics import NumpyShampoo
 import shampoo_optax
 from shampoo_optax import _shampoo
 from shampoo_optax import _symmetric
@@ -24,60 +26,6 @@ PAPER = dict(
     precondition_every=1,
     start_preconditioning_step=0,
 )
-
-
-def np_inv_root(stat, p, eps):
-  """Float64 ``(S + eps * lambda_max(S) I)^(-1/p)``; identity for S = 0."""
-  w, v = np.linalg.eigh(stat.astype(np.float64))
-  if w.max() <= 0:
-    return np.eye(len(stat))
-  w = np.maximum(w, 0) + eps * w.max()
-  return (v * w ** (-1.0 / p)) @ v.T
-
-
-def mode_product(x, matrix, axis):
-  """Multiplies axis ``axis`` of ``x`` by ``matrix``."""
-  return np.moveaxis(np.tensordot(matrix, x, axes=([1], [axis])), 0, axis)
-
-
-def unfold_gram(x, axis):
-  rest = [i for i in range(x.ndim) if i != axis]
-  return np.tensordot(x, x, axes=(rest, rest))
-
-
-class NumpyShampoo:
-  """Blocked Shampoo on one tensor in float64, written from the paper."""
-
-  def __init__(self, block_shape, b2=1.0, eps=1e-6, p=None):
-    self.block_shape, self.b2, self.eps, self.p = block_shape, b2, eps, p
-    self.stats = {}
-
-  def blocks(self, shape):
-    ranges = [
-        [(s, min(s + b, d)) for s in range(0, d, b)]
-        for d, b in zip(shape, self.block_shape)
-    ]
-    return [tuple(slice(*r) for r in combo)
-            for combo in np.ndindex(*[len(r) for r in ranges])
-            for combo in [tuple(ranges[i][c] for i, c in enumerate(combo))]]
-
-  def update(self, g, refresh=True):
-    out = np.zeros_like(g, dtype=np.float64)
-    p = self.p or 2 * g.ndim
-    for idx in self.blocks(g.shape):
-      block = g[idx].astype(np.float64)
-      key = tuple((s.start, s.stop) for s in idx)
-      stats = self.stats.setdefault(
-          key, [np.zeros((n, n)) for n in block.shape])
-      for axis in range(block.ndim):
-        gram = unfold_gram(block, axis)
-        stats[axis] = (stats[axis] + gram if self.b2 == 1.0
-                       else self.b2 * stats[axis] + (1 - self.b2) * gram)
-      d = block
-      for axis in range(block.ndim):
-        d = mode_product(d, np_inv_root(stats[axis], p, self.eps), axis)
-      out[idx] = d
-    return out
 
 
 def run(tx, grads, params=None):

@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from numerics import assert_close
+from numerics import NumpyShampoo
 import shampoo_optax
 
 pytestmark = pytest.mark.multidevice
@@ -423,3 +424,87 @@ def test_pjit_way_data_parallel_gathers_the_update_once(transform):
       collectives)
   assert sum(b for op, b in collectives if op == "all-gather") <= (
       4 * 16 * 32 * 32), collectives
+
+
+def test_fsdp_blocks_cut_at_shards_stay_local_and_match_numpy():
+  """``cut_at_shards``: a [64, 24] kernel split into 8-row shards, block 16,
+  is blocked per shard (8 x 16 and 8 x 8 blocks, none straddling two
+  devices), so the update moves no gradient, and it is Shampoo on those
+  blocks (a float64 NumPy Shampoo cut alike)."""
+  tx = shampoo_optax.scale_by_shampoo(
+      block_size=16, graft="none", b1=0.0, b2=1.0, precondition_every=1,
+      start_preconditioning_step=0, shard_axes="data", cut_at_shards=True)
+  grads = [0.3 * jax.random.normal(jax.random.key(i), (64, 24))
+           for i in range(3)]
+  with jax.set_mesh(mesh_of(8)):
+    sharded = [jax.sharding.reshard(g, P("data")) for g in grads]
+    state = jax.jit(tx.init)(sharded[0])
+    # Two pieces of 8 x 2 and 8 x 1 blocks, both split by block rows.
+    assert [s.shape[:3] for s in state.stats] == [(1, 8, 1)] * 2 + [
+        (1, 8, 1)] * 2
+    assert {shard_shapes(s).pop()[:3] for s in state.stats} == {(1, 1, 1)}
+    update = jax.jit(tx.update)
+    collectives = _collectives(
+        update.lower(sharded[0], state).compile().as_text())
+    assert all(op == "all-reduce" and b <= 4 * 8 for op, b in collectives), (
+        collectives)
+    ours = []
+    for g in sharded:
+      u, state = update(g, state)
+      assert jax.typeof(u).sharding.spec == P("data", None)
+      ours.append(np.asarray(u))
+  ref = NumpyShampoo((16, 16), spans=(8, 1))
+  uncut = NumpyShampoo((16, 16))
+  for g, u in zip(grads, ours):
+    expected = ref.update(np.asarray(g, np.float64))
+    # The first right statistics (8 rows, 16 wide) are singular: their
+    # ridged roots amplify float32 rounding to ~2e-4 of the update.
+    assert_close(u, expected, rtol=1e-3)
+    # Blocks straddling the shards give another update, far outside that.
+    assert np.abs(u - uncut.update(np.asarray(g))).max() > 0.05 * np.abs(
+        expected).max()
+
+
+def test_soap_blocks_cut_at_shards_are_per_shard_blocks():
+  """SOAP cut at 8-row shards is SOAP on the shards as stacked layers."""
+  options = dict(block_size=16, precondition_every=2)
+  grads = [0.3 * jax.random.normal(jax.random.key(i), (64, 24))
+           for i in range(4)]
+  with jax.set_mesh(mesh_of(8)):
+    tx = shampoo_optax.scale_by_soap(**options, shard_axes="data",
+                                     cut_at_shards=True)
+    sharded = [jax.sharding.reshard(g, P("data")) for g in grads]
+    ours, _ = run_updates(tx, sharded)
+  layered = shampoo_optax.scale_by_soap(**options, layer_axes=0)
+  expected, _ = run_updates(layered, [g.reshape(8, 8, 24) for g in grads])
+  for u, e in zip(ours, expected):
+    assert_close(np.asarray(u), np.asarray(e).reshape(64, 24), rtol=1e-4)
+
+
+def test_cut_at_shards_checkpoint_restores_at_the_same_shard_count_only():
+  tx = shampoo_optax.scale_by_shampoo(block_size=16, shard_axes="data",
+                                      cut_at_shards=True)
+  params = {"w": jax.random.normal(jax.random.key(0), (64, 24))}
+  with jax.set_mesh(mesh_of(8)):
+    params8 = {"w": jax.sharding.reshard(params["w"], P("data"))}
+    state = jax.jit(tx.init)(params8)
+    _, state = jax.jit(tx.update)(params8, state)
+  saved = shampoo_optax.unpad_state(tx, params8, state)
+  same = shampoo_optax.pad_state(tx, params8, saved, mesh_of(8))
+  for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  mesh4 = mesh_of(4)
+  params4 = {"w": jax.device_put(params["w"], NamedSharding(mesh4, P("data")))}
+  with pytest.raises(ValueError, match=r"pad_state: state.* has shape \(1, 8,"
+                     r".*cut_at_shards"):
+    shampoo_optax.pad_state(tx, params4, saved, mesh4)
+
+
+def run_updates(tx, grads):
+  state = jax.jit(tx.init)(grads[0])
+  update = jax.jit(tx.update)
+  outs = []
+  for g in grads:
+    u, state = update(g, state)
+    outs.append(u)
+  return outs, state

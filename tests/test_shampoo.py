@@ -332,6 +332,7 @@ def test_state_types_stable_and_jittable():
         (dict(start_preconditioning_step=-1), "start_preconditioning_step"),
         (dict(exponent_override=0), "exponent_override"),
         (dict(nesterov="yes"), "nesterov"),
+        (dict(cut_at_shards="rows"), "cut_at_shards must be True or False"),
         (dict(max_root_error=-1.0), "max_root_error"),
     ],
 )

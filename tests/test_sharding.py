@@ -426,23 +426,29 @@ def test_pjit_way_data_parallel_gathers_the_update_once(transform):
       4 * 16 * 32 * 32), collectives
 
 
-def test_fsdp_blocks_cut_at_shards_stay_local_and_match_numpy():
-  """``cut_at_shards``: a [64, 24] kernel split into 8-row shards, block 16,
-  is blocked per shard (8 x 16 and 8 x 8 blocks, none straddling two
-  devices), so the update moves no gradient, and it is Shampoo on those
-  blocks (a float64 NumPy Shampoo cut alike)."""
+@pytest.mark.parametrize("mesh_shape,spec,spans,batch,local", [
+    # 8-row shards, block 16: 8 x 16 blocks, split by block rows.
+    ((8,), P("data", None), (8, 1), (1, 8, 3), (1, 1, 3)),
+    # 2 x 4 mesh: 32-row shards hold whole blocks (no cut), 12-column
+    # shards are cut: 16 x 12 blocks, split both ways.
+    ((2, 4), P("data", "model"), (1, 4), (1, 4, 4), (1, 2, 1)),
+])
+def test_fsdp_blocks_cut_at_shards_stay_local_and_match_numpy(
+    mesh_shape, spec, spans, batch, local):
+  """``cut_at_shards``: a [64, 48] kernel, block 16, is blocked per shard
+  (no block straddles two devices), so the update moves no gradient, and it
+  is Shampoo on those blocks (a float64 NumPy Shampoo cut alike)."""
+  names = ("data", "model")[:len(mesh_shape)]
   tx = shampoo_optax.scale_by_shampoo(
       block_size=16, graft="none", b1=0.0, b2=1.0, precondition_every=1,
-      start_preconditioning_step=0, shard_axes="data", cut_at_shards=True)
-  grads = [0.3 * jax.random.normal(jax.random.key(i), (64, 24))
+      start_preconditioning_step=0, shard_axes=names, cut_at_shards=True)
+  grads = [0.3 * jax.random.normal(jax.random.key(i), (64, 48))
            for i in range(3)]
-  with jax.set_mesh(mesh_of(8)):
-    sharded = [jax.sharding.reshard(g, P("data")) for g in grads]
+  with jax.set_mesh(mesh_of(8, names=names, shape=mesh_shape)):
+    sharded = [jax.sharding.reshard(g, spec) for g in grads]
     state = jax.jit(tx.init)(sharded[0])
-    # Two pieces of 8 x 2 and 8 x 1 blocks, both split by block rows.
-    assert [s.shape[:3] for s in state.stats] == [(1, 8, 1)] * 2 + [
-        (1, 8, 1)] * 2
-    assert {shard_shapes(s).pop()[:3] for s in state.stats} == {(1, 1, 1)}
+    assert {s.shape[:3] for s in state.stats} == {batch}
+    assert {shard_shapes(s).pop()[:3] for s in state.stats} == {local}
     update = jax.jit(tx.update)
     collectives = _collectives(
         update.lower(sharded[0], state).compile().as_text())
@@ -451,14 +457,14 @@ def test_fsdp_blocks_cut_at_shards_stay_local_and_match_numpy():
     ours = []
     for g in sharded:
       u, state = update(g, state)
-      assert jax.typeof(u).sharding.spec == P("data", None)
+      assert jax.typeof(u).sharding.spec == spec
       ours.append(np.asarray(u))
-  ref = NumpyShampoo((16, 16), spans=(8, 1))
+  ref = NumpyShampoo((16, 16), spans=spans)
   uncut = NumpyShampoo((16, 16))
   for g, u in zip(grads, ours):
     expected = ref.update(np.asarray(g, np.float64))
-    # The first right statistics (8 rows, 16 wide) are singular: their
-    # ridged roots amplify float32 rounding to ~2e-4 of the update.
+    # The first statistics of an 8-row block are singular (rank 8, 16
+    # wide): their ridged roots amplify float32 rounding to ~2e-4.
     assert_close(u, expected, rtol=1e-3)
     # Blocks straddling the shards give another update, far outside that.
     assert np.abs(u - uncut.update(np.asarray(g))).max() > 0.05 * np.abs(

@@ -240,6 +240,14 @@ def test_chain_with_clipping_and_stable_jitted_types():
   assert update._cache_size() == 1
 
 
+@pytest.mark.parametrize("kwargs", [dict(skip_nonfinite="no"),
+                                    dict(cut_at_shards=None)])
+def test_flags_must_be_booleans(kwargs):
+  name = next(iter(kwargs))
+  with pytest.raises(TypeError, match=f"{name} must be True or False"):
+    _soap.scale_by_soap(**kwargs)
+
+
 def test_inject_hyperparams():
   floats = dict(learning_rate=1e-2, b1=0.9, b2=0.95, eps=1e-8,
                 shampoo_beta=0.9, weight_decay=1e-3)

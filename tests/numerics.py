@@ -8,7 +8,8 @@ differ by more than any elementwise relative tolerance, so these compare
 ``max|actual - expected| <= rtol * max|expected|`` per array instead. Bitwise
 equality is kept for programs that are the same.
 
-Also the float64 NumPy Shampoo that the tests compare against.
+Also the float64 NumPy Shampoo that the tests compare against, and a
+runner of jitted updates.
 """
 
 import jax
@@ -34,6 +35,22 @@ def assert_close(actual, expected, rtol=1e-5, err_msg=""):
     assert error <= rtol * scale or error == 0.0, (
         f"{err_msg} leaf {i}: max|diff| {error:.3e} > {rtol:g} * max|expected|"
         f" {scale:.3e} (ratio {error / max(scale, 1e-300):.3e})")
+
+
+def run_updates(tx, grads, params=None, state=None):
+  """Jitted ``tx.update`` on each gradient in turn: the updates, the state.
+
+  ``state`` defaults to ``jax.jit(tx.init)`` of ``params`` (or of the first
+  gradient).
+  """
+  if state is None:
+    state = jax.jit(tx.init)(grads[0] if params is None else params)
+  update = jax.jit(tx.update)
+  outs = []
+  for g in grads:
+    u, state = update(g, state, params)
+    outs.append(u)
+  return outs, state
 
 
 def np_inv_root(stat, p, eps):

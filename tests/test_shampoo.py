@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from numerics import assert_close
+from numerics import run_updates as run
 from numerics import np_inv_root
 from numerics import NumpyShampoo
 import shampoo_optax
@@ -28,14 +29,6 @@ PAPER = dict(
 )
 
 
-def run(tx, grads, params=None):
-  state = tx.init(grads[0] if params is None else params)
-  update = jax.jit(tx.update)
-  outs = []
-  for g in grads:
-    u, state = update(g, state, params)
-    outs.append(u)
-  return outs, state
 
 
 def rel_err(a, b):

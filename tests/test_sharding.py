@@ -19,6 +19,7 @@ import pytest
 
 from numerics import assert_close
 from numerics import NumpyShampoo
+from numerics import run_updates
 import shampoo_optax
 
 pytestmark = pytest.mark.multidevice
@@ -504,13 +505,3 @@ def test_cut_at_shards_checkpoint_restores_at_the_same_shard_count_only():
   with pytest.raises(ValueError, match=r"pad_state: state.* has shape \(1, 8,"
                      r".*cut_at_shards"):
     shampoo_optax.pad_state(tx, params4, saved, mesh4)
-
-
-def run_updates(tx, grads):
-  state = jax.jit(tx.init)(grads[0])
-  update = jax.jit(tx.update)
-  outs = []
-  for g in grads:
-    u, state = update(g, state)
-    outs.append(u)
-  return outs, state

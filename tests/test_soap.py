@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from numerics import assert_close
+from numerics import run_updates as run
 from shampoo_optax import _blocks
 from shampoo_optax import _shampoo
 from shampoo_optax import _soap
@@ -101,14 +102,6 @@ def random_grads(shape, steps, seed=0):
           for _ in range(steps)]
 
 
-def run(tx, grads, state=None):
-  state = tx.init(grads[0]) if state is None else state
-  update = jax.jit(tx.update)
-  outs = []
-  for g in grads:
-    u, state = update(g, state)
-    outs.append(u)
-  return outs, state
 
 
 @pytest.mark.parametrize("shape,block_size", [
@@ -173,7 +166,7 @@ def test_blocked_and_merged_against_numpy(shape, block_size, merged):
       assert np.all(np.diff(eigenvalues) <= 1e-5 * eigenvalues[0])
       np.testing.assert_allclose(s @ q, q * eigenvalues,
                                  atol=1e-5 * eigenvalues[0])
-  more, _ = run(tx, grads[1:], state0)
+  more, _ = run(tx, grads[1:], state=state0)
   ref = NumpySoap(block_size, every=4, initial_bases=bases, **OPTIONS)
   for t, (g, u) in enumerate(zip(grads, ours + more)):
     expected = ref.update(np.asarray(g).reshape(merged)).reshape(shape)
@@ -321,6 +314,6 @@ def test_sharded_equals_unsharded():
     state = jax.jit(tx.init)(grads[0])
     assert not any(s.sharding.is_fully_replicated for s in state.bases)
     assert (16, 4, 4) in [s.shape for s in state.bases]
-    ours, _ = run(tx, grads, state)
+    ours, _ = run(tx, grads, state=state)
   for t, (u, e) in enumerate(zip(ours, expected)):
     assert_close(u, e, rtol=1e-5, err_msg=f"step {t}")

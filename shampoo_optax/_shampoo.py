@@ -329,18 +329,24 @@ def _apply_root(block: jax.Array, root: jax.Array, axis: int,
                     block, precision=_HIGHEST)
 
 
-def _gradient_blocks(plan, stacked, specs):
+def _gradient_blocks(plan, stacked, specs, family_specs):
   """Blocks of every piece of every preconditioned family, laid out as the
   piece's factors are (`_sharding.to_layout`) and pinned."""
   out = {}
   for index, factor in enumerate(plan.factors):
     key = (factor.family, factor.piece)
-    if key not in out:
-      piece = plan.families[factor.family].pieces[factor.piece]
-      out[key] = _sharding.constrain(_sharding.to_layout(
+    if key in out:
+      continue
+    piece = plan.families[factor.family].pieces[factor.piece]
+    route = _sharding.rows_route(plan, factor.family, specs, family_specs)
+    if route is None:
+      blocks = _sharding.to_layout(
           _blocks.blocks_of(stacked[factor.family], piece),
-          factor.batch_shape, _sharding.layout_batch_shape(
-              factor, specs[index])), specs[index])
+          factor.batch_shape,
+          _sharding.layout_batch_shape(factor, specs[index]))
+    else:
+      blocks = _sharding.to_rows(stacked[factor.family], piece, route)
+    out[key] = _sharding.constrain(blocks, specs[index])
   return out
 
 
@@ -517,11 +523,16 @@ def _multiplied(plan, key, block, matrices, specs) -> jax.Array:
   return block
 
 
-def _families_of(plan, blocks, specs):
+def _families_of(plan, blocks, specs, family_specs):
   """Inverse of `_gradient_blocks`: ``{family: [units, *shape]}``."""
   out = {}
   for f, fam in enumerate(plan.families):
     if not fam.preconditioned:
+      continue
+    route = _sharding.rows_route(plan, f, specs, family_specs)
+    if route is not None:
+      out[f] = _sharding.from_rows(blocks[(f, 0)], fam.pieces[0], fam.shape,
+                                   route)
       continue
     pieces = []
     for p in range(len(fam.pieces)):
@@ -533,13 +544,13 @@ def _families_of(plan, blocks, specs):
   return out
 
 
-def _precondition(plan, blocks, roots, specs):
+def _precondition(plan, blocks, roots, specs, family_specs):
   """``G x_1 S_1^(-1/p) ... x_k S_k^(-1/p)`` of every block, per family."""
   unpacked = lambda i: _symmetric.unpack(
       roots[i], plan.factors[i].dim).astype(jnp.float32)
   return _families_of(plan, {
       key: _multiplied(plan, key, block, unpacked, specs)
-      for key, block in blocks.items()}, specs)
+      for key, block in blocks.items()}, specs, family_specs)
 
 
 def _graft(plan, grafted, preconditioned, use_shampoo, graft: str):
@@ -628,9 +639,9 @@ def _check_layout(transform, plan, stats, specs):
       f" options, updates and mesh need {expected}: the state was made with"
       " other options (block_size, max_precondition_dim, exponent_override,"
       " layer_axes, cut_at_shards), for other parameters or for another mesh"
-      " (with cut_at_shards, parameters split into other shard counts). Call init"
-      " with this transformation, or build it with the options the state was"
-      " made with; a checkpoint moves between meshes with"
+      " (with cut_at_shards, parameters split into other shard counts). Call"
+      " init with this transformation, or build it with the options the state"
+      " was made with; a checkpoint moves between meshes with"
       " shampoo_optax.unpad_state and shampoo_optax.pad_state.")
 
 
@@ -855,7 +866,7 @@ def scale_by_shampoo(
     finite = _all_finite(stacked) if skip_nonfinite else jnp.array(True)
     # Non-finite values reach only results that are discarded below.
 
-    blocks = _gradient_blocks(plan, stacked, specs)
+    blocks = _gradient_blocks(plan, stacked, specs, family_specs)
     stats = _update_statistics(
         plan, blocks, list(state.stats),
         finite & (count % statistics_every == 0), floats.b2, specs)
@@ -879,7 +890,8 @@ def scale_by_shampoo(
 
     preconditioned = jax.lax.cond(
         use_shampoo,
-        functools.partial(_precondition, plan, specs=specs),
+        functools.partial(_precondition, plan, specs=specs,
+                          family_specs=family_specs),
         lambda b, _: {f: jnp.zeros_like(stacked[f])
                       for f, fam in enumerate(plan.families)
                       if fam.preconditioned},

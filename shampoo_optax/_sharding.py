@@ -26,7 +26,9 @@ mesh axes chosen once, from shapes and the parameters' shardings:
    them (e.g. ``[12, 6, 18, ...]`` on 8 devices: 1,296 rows, none of
    padding, where any one axis would need 33%). The update pads the
    gradient blocks alike and drops the padding rows' results; they never
-   count as failures.
+   count as failures. A family split like its parameters is moved into its
+   rows by all-to-alls where its shape allows (`rows_route`), else XLA
+   gathers it.
 
 A factor's shapes depend on the mesh only in the padded case (3);
 `_placement` keeps the padding out of checkpoints. Within the jitted update
@@ -47,6 +49,7 @@ split alike the per-family state (`family_pins`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
@@ -56,6 +59,8 @@ import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
+
+from shampoo_optax import _blocks
 
 ShardAxes = str | tuple[str, ...] | None
 # One entry of a PartitionSpec: None, a mesh axis name, or a tuple of names.
@@ -253,6 +258,63 @@ def from_layout(x: jax.Array, batch_shape, layout_batch) -> jax.Array:
     return x
   rows = x[:math.prod(batch_shape)]
   return rows.reshape(tuple(batch_shape) + x.shape[len(layout_batch):])
+
+
+def rows_route(plan, family: int, specs, family_specs) -> AxisEntry:
+  """The mesh axes over which a split family is moved into its rows, or None.
+
+  A family split like its parameters (FSDP) along a dim that its blocks
+  straddle, and stored as padded rows (step 3), would be gathered whole by
+  XLA to be cut into rows. When the family is one piece of whole blocks and
+  its units times its first grid axis divide by the rows' split ``k`` (and
+  so does its last axis), all-to-alls reach the rows instead (`to_rows`).
+  """
+  if family_specs is None or not any(family_specs[family][1:]):
+    return None
+  fam = plan.families[family]
+  if len(fam.pieces) != 1:
+    return None
+  piece = fam.pieces[0]
+  index, factor = plan.factors_of(family)[0]
+  if not is_rows(factor, specs[index]) or any(
+      g * b != d for g, b, d in zip(piece.grid, piece.block, fam.shape)):
+    return None
+  entry = specs[index][0]
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  k = math.prod(sizes[a] for a in names_of(entry))
+  if (fam.units * piece.grid[0]) % k or fam.shape[-1] % k:
+    return None
+  return entry
+
+
+def _merged_piece(piece):
+  """The piece on ``[units * grid[0], block[0], ...]``: one block row."""
+  return dataclasses.replace(piece, grid=(1,) + piece.grid[1:])
+
+
+def to_rows(stacked: jax.Array, piece, entry: AxisEntry) -> jax.Array:
+  """The rows ``[count, *block]`` of a family on `rows_route` ``entry``.
+
+  First the split moves to the family's last axis, then to the first axis
+  of its view ``[units * grid[0], block[0], *shape[1:]]`` (two all-to-alls);
+  that view's blocks are then each device's own rows, in row order.
+  """
+  n = stacked.shape[0]
+  x = pin(stacked, (None,) * (stacked.ndim - 1) + (entry,))
+  x = pin(x.reshape((n * piece.grid[0], piece.block[0]) + x.shape[2:]),
+          (entry,))
+  return _blocks.blocks_of(x, _merged_piece(piece)).reshape(
+      (-1,) + piece.block)
+
+
+def from_rows(rows: jax.Array, piece, shape, entry: AxisEntry) -> jax.Array:
+  """Inverse of `to_rows`: the family ``[units, *shape]`` from its rows."""
+  merged = _merged_piece(piece)
+  x = rows.reshape((-1,) + merged.grid + piece.block)
+  x = pin(_blocks.assemble([x], [merged]), (entry,))
+  x = x.reshape((-1,) + tuple(shape))
+  return pin(x, (None,) * (x.ndim - 1) + (entry,))
 
 
 def valid_rows(factor, layout_batch) -> jax.Array:

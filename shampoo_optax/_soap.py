@@ -379,7 +379,7 @@ def scale_by_soap(
                for f in range(len(plan.families))]
     finite = _shampoo._all_finite(stacked) if skip_nonfinite else jnp.array(  # pylint: disable=protected-access
         True)
-    blocks = _shampoo._gradient_blocks(plan, stacked, specs)  # pylint: disable=protected-access
+    blocks = _shampoo._gradient_blocks(plan, stacked, specs, family_specs)  # pylint: disable=protected-access
     stats = _shampoo._update_statistics(  # pylint: disable=protected-access
         plan, blocks, list(state.stats), finite, beta_s, specs)
 
@@ -401,7 +401,7 @@ def scale_by_soap(
     # 0 only initializes the bases; Adam's steps start at 1.
     adam_step = jnp.maximum(count, 1)
     transposed = lambda i: jnp.swapaxes(bases[i], -1, -2)
-    moments = _shampoo._gradient_blocks(plan, mus, specs)  # pylint: disable=protected-access
+    moments = _shampoo._gradient_blocks(plan, mus, specs, family_specs)  # pylint: disable=protected-access
     rotated = {}
     for key, block in blocks.items():
       into = functools.partial(_shampoo._multiplied, plan, key,  # pylint: disable=protected-access
@@ -412,7 +412,8 @@ def scale_by_soap(
           plan, key, (into(moments[key]) / bc(b1, adam_step))
           / (jnp.sqrt(nu / bc(b2, adam_step)) + eps),
           lambda i: bases[i], specs)
-    for f, direction in _shampoo._families_of(plan, rotated, specs).items():  # pylint: disable=protected-access
+    for f, direction in _shampoo._families_of(  # pylint: disable=protected-access
+        plan, rotated, specs, family_specs).items():
       directions[f] = jnp.where(first, 0.0, direction)
       mus[f] = jnp.where(first, state.mu[f], mus[f])
     directions = [pin(directions[f], f) for f in range(len(plan.families))]

@@ -505,3 +505,34 @@ def test_cut_at_shards_checkpoint_restores_at_the_same_shard_count_only():
   with pytest.raises(ValueError, match=r"pad_state: state.* has shape \(1, 8,"
                      r".*cut_at_shards"):
     shampoo_optax.pad_state(tx, params4, saved, mesh4)
+
+
+@pytest.mark.parametrize("transform", ["shampoo", "soap"])
+@pytest.mark.parametrize("spec", [P(None, None, "data"), P(None, "data", None)])
+def test_fsdp_rows_are_reached_by_all_to_alls(transform, spec):
+  """A stacked [12, 48, 32] leaf split 8 ways along a dim that its 8 x 8
+  blocks straddle: its 12 x 6 x 4 blocks divide 8 nowhere, so its factors
+  are rows (288 of them, 36 per device). The split moves to those rows by
+  all-to-alls (`_sharding.to_rows`), never by gathering the family, and the
+  updates equal the single-device ones."""
+  make = (shampoo_optax.scale_by_shampoo if transform == "shampoo"
+          else shampoo_optax.scale_by_soap)
+  options = dict(block_size=8, precondition_every=2, layer_axes=0)
+  grads = [0.3 * jax.random.normal(jax.random.key(i), (12, 48, 32))
+           for i in range(4)]
+  expected, _ = run_updates(make(**options), grads)
+  tx = make(**options, shard_axes="data")
+  with jax.set_mesh(mesh_of(8)):
+    sharded = [jax.sharding.reshard(g, spec) for g in grads]
+    state = jax.jit(tx.init)(sharded[0])
+    assert {shard_shapes(s).pop()[0] for s in state.stats} == {36}
+    hlo = jax.jit(tx.update).lower(sharded[0], state).compile().as_text()
+    ours, _ = run_updates(tx, sharded)
+  collectives = _collectives(hlo)
+  local = 4 * 12 * 48 * 32 // 8
+  assert {op for op, _ in collectives} <= {"all-to-all", "all-reduce"}, (
+      collectives)
+  moved = sum(b for op, b in collectives if op == "all-to-all")
+  assert moved <= (4 if transform == "shampoo" else 6) * local, collectives
+  for u, e in zip(ours, expected):
+    assert_close(np.asarray(u), np.asarray(e), rtol=2e-5)

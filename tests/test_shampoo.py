@@ -11,9 +11,9 @@ import optax
 import pytest
 
 from numerics import assert_close
-from numerics import run_updates as run
 from numerics import np_inv_root
 from numerics import NumpyShampoo
+from numerics import run_updates as run
 import shampoo_optax
 from shampoo_optax import _shampoo
 from shampoo_optax import _symmetric
@@ -27,8 +27,6 @@ PAPER = dict(
     precondition_every=1,
     start_preconditioning_step=0,
 )
-
-
 
 
 def rel_err(a, b):

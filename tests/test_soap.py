@@ -102,8 +102,6 @@ def random_grads(shape, steps, seed=0):
           for _ in range(steps)]
 
 
-
-
 @pytest.mark.parametrize("shape,block_size", [
     ((12, 8), 4),     # 4 x 4 blocks
     ((4, 4, 4), 4),   # rank 3, not merged

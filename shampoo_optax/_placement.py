@@ -9,7 +9,6 @@ without their padding, so that what is saved does not depend on the mesh
 """
 
 import contextlib
-import math
 
 import jax
 from jax.sharding import AxisType
@@ -97,12 +96,11 @@ def abstract_state(tx, params, mesh=None, param_shardings=None, *,
       return jax.eval_shape(tx.init, params)
     shapes, shardings = _traced_init(tx, params, mesh, param_shardings)
   if not padded:
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     in_memory, memory_shardings = _traced_init(tx, params, mesh,
                                                param_shardings)
     shardings = jax.tree.map(
         lambda x, s, m, ms: s if x.shape == m.shape else NamedSharding(
-            mesh, _split_last_divisible(x.shape, ms.spec[0], sizes)),
+            mesh, _split_last_divisible(x.shape, ms.spec[0], mesh)),
         shapes, shardings, in_memory, memory_shardings)
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -110,9 +108,9 @@ def abstract_state(tx, params, mesh=None, param_shardings=None, *,
 
 
 def _split_last_divisible(shape, entry: _sharding.AxisEntry,
-                          sizes) -> PartitionSpec:
+                          mesh) -> PartitionSpec:
   """``entry`` on the last axis of ``shape`` it divides (none: replicated)."""
-  k = math.prod(sizes[a] for a in _sharding.names_of(entry))
+  k = _sharding.entry_size(entry, mesh)
   for axis in reversed(range(len(shape))):
     if shape[axis] % k == 0:
       return PartitionSpec(*(None,) * axis, entry)

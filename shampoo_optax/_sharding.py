@@ -112,6 +112,15 @@ def names_of(entry: AxisEntry) -> tuple[str, ...]:
   return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def entry_size(entry: AxisEntry, mesh=None) -> int:
+  """How many devices the mesh axes ``entry`` span (default: the mesh set
+  by `jax.set_mesh`)."""
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  return math.prod(sizes[a] for a in names_of(entry))
+
+
 def _entry(names: Sequence[str]) -> AxisEntry:
   return None if not names else names[0] if len(names) == 1 else tuple(names)
 
@@ -153,12 +162,10 @@ def shard_counts(leaves) -> tuple[tuple[int, ...], ...]:
   shardings are not visible, as on an ``Auto`` mesh.
   """
   def counts(x):
-    if "parameters unseen" in _TRACING or not any(leaf_spec(x)):
+    spec = leaf_spec(x)
+    if "parameters unseen" in _TRACING or not any(spec):
       return (1,) * x.ndim
-    mesh = jax.typeof(x).sharding.mesh
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    return tuple(math.prod(sizes[a] for a in names_of(e))
-                 for e in leaf_spec(x))
+    return tuple(entry_size(e, jax.typeof(x).sharding.mesh) for e in spec)
 
   return tuple(counts(x) for x in leaves)
 
@@ -180,11 +187,10 @@ def factor_batch_specs(plan, leaf_specs, shard_axes) -> list[tuple]:
     shard_axes = None
   if shapes_only or "parameters unseen" in _TRACING:
     leaf_specs = [(None,) * len(s) for s in leaf_specs]
-  sizes = {}
+  mesh = None
   if shard_axes is not None or any(any(s) for s in leaf_specs):
     mesh = context_mesh(shard_axes)
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  size = lambda names: math.prod(sizes[a] for a in names)
+  size = lambda names: entry_size(tuple(names), mesh)
   specs = []
   for factor in plan.factors:
     family = plan.families[factor.family]
@@ -234,9 +240,7 @@ def layout_batch_shape(factor, batch_spec) -> tuple[int, ...]:
   """The factor's batch shape in memory: its own, or its padded rows."""
   if not is_rows(factor, batch_spec):
     return factor.batch_shape
-  mesh = jax.sharding.get_abstract_mesh()
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  k = math.prod(sizes[a] for a in names_of(batch_spec[0]))
+  k = entry_size(batch_spec[0])
   return (-(-factor.count // k) * k,)
 
 
@@ -280,9 +284,7 @@ def rows_route(plan, family: int, specs, family_specs) -> AxisEntry:
       g * b != d for g, b, d in zip(piece.grid, piece.block, fam.shape)):
     return None
   entry = specs[index][0]
-  mesh = jax.sharding.get_abstract_mesh()
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  k = math.prod(sizes[a] for a in names_of(entry))
+  k = entry_size(entry)
   if (fam.units * piece.grid[0]) % k or fam.shape[-1] % k:
     return None
   return entry

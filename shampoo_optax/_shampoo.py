@@ -340,8 +340,10 @@ def _gradient_blocks(plan, stacked, specs, family_specs):
     piece = plan.families[factor.family].pieces[factor.piece]
     route = _sharding.rows_route(plan, factor.family, specs, family_specs)
     if route is None:
+      whole = _sharding.pin(stacked[factor.family],
+                            _sharding.cut_spec(plan, factor, specs[index]))
       blocks = _sharding.to_layout(
-          _blocks.blocks_of(stacked[factor.family], piece),
+          _blocks.blocks_of(whole, piece),
           factor.batch_shape,
           _sharding.layout_batch_shape(factor, specs[index]))
     else:
@@ -537,9 +539,14 @@ def _families_of(plan, blocks, specs, family_specs):
     pieces = []
     for p in range(len(fam.pieces)):
       index, factor = plan.factors_of(f, p)[0]
-      pieces.append(_sharding.from_layout(
-          blocks[(f, p)], factor.batch_shape,
-          _sharding.layout_batch_shape(factor, specs[index])))
+      cut = _sharding.cut_spec(plan, factor, specs[index])
+      x = blocks[(f, p)]
+      if _sharding.is_rows(factor, specs[index]):
+        x = _sharding.pin(x, (None,) * x.ndim)
+      x = _sharding.from_layout(
+          x, factor.batch_shape,
+          _sharding.layout_batch_shape(factor, specs[index]))
+      pieces.append(_sharding.pin(x, cut + (None,) * len(fam.shape)))
     out[f] = _blocks.assemble(pieces, fam.pieces)
   return out
 

@@ -264,6 +264,34 @@ def from_layout(x: jax.Array, batch_shape, layout_batch) -> jax.Array:
   return rows.reshape(tuple(batch_shape) + x.shape[len(layout_batch):])
 
 
+def cut_spec(plan, factor, batch_spec) -> tuple[AxisEntry, ...]:
+  """The split of a family ``[units, *shape]`` that its piece is cut from.
+
+  Cutting blocks (`_blocks.blocks_of`) and assembling them reshape, slice
+  and concatenate the family's axes. XLA's SPMD partitioner handles such an
+  op on a split axis only when the split falls on whole blocks; given one
+  whose split straddles them it may replicate the array, or crash the
+  process (a segfault in its windowed resharding of a reshape, e.g. a
+  ``[48, 40]`` kernel split by rows on 8 devices, block 16). So the family
+  is first pinned to this split, which keeps an axis split only where the
+  piece's factor splits its block grid likewise and the piece spans the
+  axis in whole blocks (or is cut at its shards): every reshape is then
+  local, and every change of split a same-shape reshard (an all-to-all or
+  a gather). A factor stored as padded rows keeps nothing split.
+  """
+  fam = plan.families[factor.family]
+  if is_rows(factor, batch_spec):
+    return (None,) * (1 + len(fam.shape))
+  piece = fam.pieces[factor.piece]
+  dims = []
+  for entry, grid, block, dim, cuts in zip(batch_spec[1:], piece.grid,
+                                           piece.block, fam.shape, piece.cuts):
+    spans = (cuts == 1 and grid * block == dim) or (
+        cuts % entry_size(entry) == 0)
+    dims.append(entry if entry is not None and spans else None)
+  return (batch_spec[0], *dims)
+
+
 def rows_route(plan, family: int, specs, family_specs) -> AxisEntry:
   """The mesh axes over which a split family is moved into its rows, or None.
 
@@ -393,7 +421,12 @@ def units_whole(family_specs, num_families: int) -> list[int]:
 
 
 def pin(x: jax.Array, spec: Sequence[AxisEntry]) -> jax.Array:
-  """Pins ``x`` to ``spec`` inside the update, whole axes included."""
+  """Pins ``x`` to ``spec`` inside the update, whole axes included.
+
+  A no-op without a mesh (one device).
+  """
+  if not jax.sharding.get_abstract_mesh().axis_names:
+    return x
   return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 

@@ -401,7 +401,11 @@ def scale_by_soap(
     # 0 only initializes the bases; Adam's steps start at 1.
     adam_step = jnp.maximum(count, 1)
     transposed = lambda i: jnp.swapaxes(bases[i], -1, -2)
-    moments = _shampoo._gradient_blocks(plan, mus, specs, family_specs)  # pylint: disable=protected-access
+    # M's blocks from the old M's and G's: cutting the new M instead would
+    # pull its (per-family) computation to the blocks' split.
+    moments = {key: _grafting.ema(old, blocks[key], b1) for key, old in
+               _shampoo._gradient_blocks(plan, list(state.mu), specs,  # pylint: disable=protected-access
+                                         family_specs).items()}
     rotated = {}
     for key, block in blocks.items():
       into = functools.partial(_shampoo._multiplied, plan, key,  # pylint: disable=protected-access

@@ -7,6 +7,7 @@ does); every test is marked ``multidevice`` and skipped on fewer devices.
 """
 
 import functools
+import itertools
 import re
 
 import jax
@@ -534,5 +535,57 @@ def test_fsdp_rows_are_reached_by_all_to_alls(transform, spec):
       collectives)
   moved = sum(b for op, b in collectives if op == "all-to-all")
   assert moved <= (4 if transform == "shampoo" else 6) * local, collectives
+  for u, e in zip(ours, expected):
+    assert_close(np.asarray(u), np.asarray(e), rtol=2e-5)
+
+
+# Layouts whose update once segfaulted XLA's SPMD partitioner (a windowed
+# reshard of the reshape that cut a row-split kernel into padded rows of
+# blocks, when its other dim leaves a remainder block): found by
+# `benchmarks.layout_sweep`.
+CRASHED = [((48, 40), 16, "8", "rows"), ((384, 320), 128, "2x4", "both"),
+           ((640, 320), 128, "4", "rows"), ((1536, 1000), 512, "2x4", "rows")]
+
+
+def test_layouts_that_crashed_the_partitioner_compile(tmp_path):
+  """Each compiles, in a worker process a crash cannot take pytest down, for
+  Shampoo and SOAP, explicit and Auto axes, without XLA's "involuntary full
+  rematerialization" (every change of split is a reshard we chose)."""
+  from benchmarks import layout_sweep  # pylint: disable=g-import-not-at-top
+
+  cases = []
+  for (shape, block, mesh, split), (tx, mode) in itertools.product(
+      CRASHED, [("shampoo", "explicit"), ("soap", "explicit"),
+                ("shampoo", "auto"), ("soap", "auto")]):
+    names = layout_sweep.MESHES[mesh][1]
+    cases.append(dict(
+        shape=list(shape), layer_axes=None, block=block, mesh=mesh,
+        split=split, spec=layout_sweep.splits(2, None, mesh)[split],
+        tx=tx, mode=mode,
+        shard_axes=names[0] if len(names) == 1 else list(names),
+        cut_at_shards=False))
+  rows = layout_sweep.run(cases, tmp_path, timeout=1200)
+  bad = [r for r in rows if r["status"] != "ok" or r["warnings"]]
+  assert not bad, layout_sweep.summary(bad)
+
+
+@pytest.mark.parametrize("transform", ["shampoo", "soap"])
+@pytest.mark.parametrize("mesh_shape,spec", [
+    ((8,), P("data", None)), ((2, 4), P("data", "model"))])
+def test_layouts_that_crashed_the_partitioner_match_one_device(
+    transform, mesh_shape, spec):
+  """A [48, 40] kernel, block 16, split by rows (and columns): 6-row shards
+  that its 16-row blocks straddle, a remainder block of 8 columns, factors
+  stored as padded rows. Its updates equal the single-device ones."""
+  make = (shampoo_optax.scale_by_shampoo if transform == "shampoo"
+          else shampoo_optax.scale_by_soap)
+  options = dict(block_size=16, precondition_every=2)
+  grads = [0.3 * jax.random.normal(jax.random.key(i), (48, 40))
+           for i in range(4)]
+  expected, _ = run_updates(make(**options), grads)
+  names = ("data", "model")[:len(mesh_shape)]
+  tx = make(**options, shard_axes=names)
+  with jax.set_mesh(mesh_of(8, names=names, shape=mesh_shape)):
+    ours, _ = run_updates(tx, [jax.sharding.reshard(g, spec) for g in grads])
   for u, e in zip(ours, expected):
     assert_close(np.asarray(u), np.asarray(e), rtol=2e-5)

@@ -16,9 +16,9 @@ eigenvectors :math:`Q_i` as a basis in which to run Adam. With
 
 The bases change slowly (every ``precondition_every`` steps, by one step of
 power iteration), so Adam's second moment, kept in the rotated coordinates,
-stays meaningful across refreshes. The update reuses Shampoo's stages
-(`_shampoo`): stacking into families, the finiteness check, the statistics
-and the sharding of the per-block state.
+stays meaningful across refreshes. This module holds SOAP's own math: the
+bases (`_refresh_bases`) and Adam in them (`_rotated_adam`); stacking,
+blocks, statistics and the update shell are the shared stages of `_stages`.
 """
 
 import functools
@@ -27,16 +27,14 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from shampoo_optax import _grafting
+from shampoo_optax import _options
 from shampoo_optax import _roots
-from shampoo_optax import _shampoo
 from shampoo_optax import _sharding
+from shampoo_optax import _stages
 from shampoo_optax import _symmetric
-
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class SoapDiagnostics(NamedTuple):
@@ -98,6 +96,15 @@ SOAP_STATIC_OPTIONS = (
 )
 
 
+class _Floats(NamedTuple):
+  """The float options, as float32 scalars inside the update."""
+
+  b1: Any
+  b2: Any
+  eps: Any
+  shampoo_beta: Any
+
+
 def _normalized(s: jax.Array) -> jax.Array:
   """``s`` over its max-abs entry: bases do not depend on the scale."""
   scale = jnp.max(jnp.abs(s), axis=(-2, -1), keepdims=True)
@@ -118,7 +125,7 @@ def _power_qr(s: jax.Array, q: jax.Array):
   :math:`\\operatorname{diag}(Q^\\top S Q)`, then :math:`Q \\leftarrow
   \\operatorname{qr}(S Q)`. Returns the basis and the sorting order.
   """
-  sq = jnp.matmul(s, q, precision=_HIGHEST)
+  sq = jnp.matmul(s, q, precision=_stages.HIGHEST)
   estimates = jnp.sum(q * sq, axis=-2)
   order = jnp.argsort(-estimates, axis=-1, stable=True)
   # qr(S Q[:, order]) = qr((S Q)[:, order]).
@@ -126,7 +133,7 @@ def _power_qr(s: jax.Array, q: jax.Array):
   return jnp.linalg.qr(sq)[0], order
 
 
-def _refresh_bases(plan, stats, bases, now, specs, *, method: str):
+def _refresh_bases(layout, stats, bases, now, *, method: str):
   """New bases where ``now``: ``"eigh"`` of, or ``"qr"`` power step on, S.
 
   Computed on each device for its own blocks (`_sharding.map_blocks`). A
@@ -138,16 +145,15 @@ def _refresh_bases(plan, stats, bases, now, specs, *, method: str):
     previous basis (the identity where nothing changed), and per factor
     whether each block's new basis was rejected.
   """
+  plan, specs = layout.plan, layout.specs
   nbatch = [len(s) for s in specs]
 
   def body(arrays, replicated):
     (now,) = replicated
     shapes = [x.shape for x in arrays[1]]
-    stats = [_shampoo._rows(s, n)  # pylint: disable=protected-access
-             for s, n in zip(arrays[0], nbatch)]
-    old = [_shampoo._rows(q, n).astype(jnp.float32)  # pylint: disable=protected-access
-           for q, n in zip(arrays[1], nbatch)]
-    valid = [_shampoo._rows(v, n) for v, n in zip(arrays[2], nbatch)]  # pylint: disable=protected-access
+    stats, old, valid = ([_stages.rows(x, n) for x, n in zip(xs, nbatch)]
+                         for xs in arrays)
+    old = [q.astype(jnp.float32) for q in old]
     identity = [jnp.broadcast_to(jnp.arange(f.dim), q.shape[:-1])
                 for f, q in zip(plan.factors, old)]
 
@@ -159,8 +165,8 @@ def _refresh_bases(plan, stats, bases, now, specs, *, method: str):
             (lambda s, q: _roots.lapack_safe_map(_eigenbasis, unpacked(s)))
             if method == "eigh" else
             (lambda s, q: _roots.lapack_safe_map(_power_qr, unpacked(s), q)))
-        out.append(_shampoo._in_batches(basis, s, q,  # pylint: disable=protected-access
-                                        row_bytes=4 * f.dim * f.dim))
+        out.append(_stages.in_batches(basis, s, q,
+                                      row_bytes=4 * f.dim * f.dim))
       return out
 
     # Zeros where not refreshing, selected below: a cond branch that passes
@@ -181,10 +187,8 @@ def _refresh_bases(plan, stats, bases, now, specs, *, method: str):
 
   valid = [_sharding.valid_rows(f, b.shape[:-2])
            for f, b in zip(plan.factors, bases)]
-  new_bases, orders, rejected = _sharding.map_blocks(
+  return _sharding.map_blocks(
       body, specs, (list(stats), list(bases), valid), (now,), num_outputs=3)
-  return ([q.astype(b.dtype) for q, b in zip(new_bases, bases)], orders,
-          rejected)
 
 
 def _second_moment_keys(plan) -> list[tuple[int, int | None]]:
@@ -194,8 +198,9 @@ def _second_moment_keys(plan) -> list[tuple[int, int | None]]:
           for p in (range(len(fam.pieces)) if fam.preconditioned else [None])]
 
 
-def _second_moment_shapes(plan, specs) -> list[tuple[int, ...]]:
+def _second_moment_shapes(layout) -> list[tuple[int, ...]]:
   """The shapes of `SoapState.nu`, in the order of `_second_moment_keys`."""
+  plan = layout.plan
   shapes = []
   for f, p in _second_moment_keys(plan):
     fam = plan.families[f]
@@ -203,26 +208,163 @@ def _second_moment_shapes(plan, specs) -> list[tuple[int, ...]]:
       shapes.append((fam.units,) + fam.shape)
       continue
     index, factor = plan.factors_of(f, p)[0]
-    shapes.append(_sharding.layout_batch_shape(factor, specs[index])
+    shapes.append(_sharding.layout_batch_shape(factor, layout.specs[index])
                   + fam.pieces[p].block)
   return shapes
 
 
-def _permuted(plan, key, block, orders, specs) -> jax.Array:
+def _permuted(layout, key, block, orders) -> jax.Array:
   """Axis ``i`` of every block of piece ``key`` reordered.
 
   ``block`` is laid out as the piece's factors; axis ``i`` takes the order
   ``orders[index]`` (``[*batch, d]``, ``index`` its factor):
   ``y[j] = x[order[j]]``.
   """
-  for index, factor in plan.factors_of(*key):
-    nbatch = len(specs[index])
+  for index, factor in layout.plan.factors_of(*key):
+    spec = layout.specs[index]
     order = jnp.expand_dims(orders[index], tuple(
-        nbatch + a for a in range(block.ndim - nbatch) if a != factor.axis))
+        len(spec) + a for a in range(block.ndim - len(spec))
+        if a != factor.axis))
     block = _sharding.constrain(jnp.take_along_axis(
         block, jnp.broadcast_to(order, block.shape),
-        axis=nbatch + factor.axis), specs[index])
+        axis=len(spec) + factor.axis), spec)
   return block
+
+
+def _rotated_adam(layout, grads, old_mu, mus, nus, bases, count,
+                  floats: _Floats):
+  """Adam's directions per family, in the bases of preconditioned blocks.
+
+  ``mus``: the new first moments. Returns the directions ``{family: [units,
+  *shape]}`` and the new second moments (``nus`` updated in place). A
+  diagonal family gets plain Adam from step 0; a preconditioned one zero at
+  step 0 (its bases are set up after this step) and Adam in its bases from
+  step 1 on.
+  """
+  b1, b2, eps = floats.b1, floats.b2, floats.eps
+  bc = _grafting.bias_correction
+  first = count == 0
+  directions = {}
+  for f, fam in enumerate(layout.plan.families):
+    if not fam.preconditioned:
+      nus[(f, None)] = _grafting.ema(nus[(f, None)],
+                                     jnp.square(grads.stacked[f]), b2)
+      directions[f] = (mus[f] / bc(b1, count + 1)) / (
+          jnp.sqrt(nus[(f, None)] / bc(b2, count + 1)) + eps)
+  adam_step = jnp.maximum(count, 1)
+  transposed = lambda i: jnp.swapaxes(bases[i], -1, -2)
+  # M's blocks from the old M's and G's: cutting the new M instead would
+  # pull its (per-family) computation to the blocks' split.
+  moments = _stages.gradient_blocks(layout, list(old_mu))
+  rotated = {}
+  for key, block in grads.blocks.items():
+    into = functools.partial(_stages.multiplied, layout, key,
+                             matrices=transposed)
+    nu = _grafting.ema(nus[key], jnp.square(into(block)), b2)
+    nus[key] = jnp.where(first, nus[key], nu)
+    moment = into(_grafting.ema(moments[key], block, b1))
+    rotated[key] = _stages.multiplied(
+        layout, key, (moment / bc(b1, adam_step))
+        / (jnp.sqrt(nu / bc(b2, adam_step)) + eps), lambda i: bases[i])
+  for f, direction in _stages.families_of(layout, rotated).items():
+    directions[f] = jnp.where(first, 0.0, direction)
+  return directions, nus
+
+
+def _refresh(layout, stats, bases, nus, count, finite, precondition_every):
+  """The bases after this step, V following them, and their failures.
+
+  At step 0 ``eigh``; every ``precondition_every`` steps after it one
+  power-iteration step, whose re-sort V's entries follow.
+  """
+  refresh_now = finite & (count > 0) & (count % precondition_every == 0)
+  bases, _, rejected_first = _refresh_bases(
+      layout, stats, bases, finite & (count == 0), method="eigh")
+  bases, orders, rejected = _refresh_bases(
+      layout, stats, bases, refresh_now, method="qr")
+  # Only a refresh sorts: the cond spares every other step the gathers, and
+  # yields zeros (selected below) rather than passing V through, which
+  # would copy it.
+  for key in dict.fromkeys((f.family, f.piece) for f in layout.plan.factors):
+    permuted = jax.lax.cond(
+        refresh_now, functools.partial(_permuted, layout, key),
+        lambda nu, _: jnp.zeros_like(nu), nus[key], orders)
+    nus[key] = jnp.where(refresh_now, permuted, nus[key])
+  refreshed = finite & ((count == 0) | refresh_now) & bool(layout.plan.factors)
+  return bases, nus, _stages.count_true(rejected + rejected_first), refreshed
+
+
+def _init(plan, leaves, options) -> SoapState:
+  """The state of `scale_by_soap` for the leaves of ``plan``."""
+  place = _stages.factor_placement(plan, leaves, options.shard_axes)
+  nu = []
+  for f, p in _second_moment_keys(plan):
+    if p is None:
+      nu.append(_stages.family_zeros(plan, leaves, jnp.float32)[f])
+    else:
+      index, factor = plan.factors_of(f, p)[0]
+      nu.extend(place([jnp.zeros(factor.batch_shape
+                                 + plan.families[f].pieces[p].block,
+                                 jnp.float32)], [index]))
+  return SoapState(
+      count=jnp.zeros([], jnp.int32),
+      stats=place(jnp.zeros(f.shape, jnp.float32) for f in plan.factors),
+      bases=place(
+          jnp.broadcast_to(jnp.eye(f.dim, dtype=options.basis_dtype),
+                           f.batch_shape + (f.dim, f.dim))
+          for f in plan.factors),
+      mu=_stages.family_zeros(plan, leaves, jnp.float32),
+      nu=tuple(nu),
+      diagnostics=SoapDiagnostics(
+          basis_failures=jnp.zeros([], jnp.int32),
+          last_refresh_step=jnp.full([], -1, jnp.int32),
+          nonfinite_steps=jnp.zeros([], jnp.int32),
+      ),
+  )
+
+
+def _check_state(layout, paths, leaves, state: SoapState) -> None:
+  """Raises unless ``state`` was made for these updates and options."""
+  _stages.check_layout("scale_by_soap", layout, state.stats)
+  _stages.check_families("scale_by_soap", layout.plan, paths, leaves,
+                         (state.mu,))
+  got = [tuple(m.shape) for m in state.nu]
+  expected = _second_moment_shapes(layout)
+  if got != expected:
+    raise ValueError(
+        "scale_by_soap: the state was made for other parameters or options"
+        f" (second moments {got}; these updates need {expected}). Call init"
+        " with this transformation.")
+
+
+class _Options(NamedTuple):
+  """The static options of `scale_by_soap`, checked."""
+
+  block_size: int
+  precondition_every: int
+  max_precondition_dim: int
+  skip_nonfinite: bool
+  shard_axes: Any
+  layer_axes: Any
+  basis_dtype: Any
+  cut_at_shards: bool
+
+
+def _checked(b1, b2, eps, shampoo_beta, **static) -> _Options:
+  """Validates every option of `scale_by_soap` (clear errors, no tracing)."""
+  for name in ("block_size", "precondition_every", "max_precondition_dim"):
+    static[name] = _options.static_int(name, static[name], 1,
+                                       static_options="SOAP_STATIC_OPTIONS")
+  _options.check_range("b1", b1, 0.0, 1.0, high_open=True)
+  _options.check_range("b2", b2, 0.0, 1.0)
+  _options.check_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
+  _options.check_range("eps", eps, 0.0)
+  _options.check_flags(skip_nonfinite=static["skip_nonfinite"],
+                       cut_at_shards=static["cut_at_shards"])
+  static["shard_axes"] = _sharding.check_shard_axes(static["shard_axes"])
+  static["basis_dtype"] = _options.check_dtype(
+      "basis_dtype", static["basis_dtype"], allow_none=False)
+  return _Options(**static)
 
 
 def scale_by_soap(
@@ -302,170 +444,59 @@ def scale_by_soap(
   Returns:
     An ``optax.GradientTransformation`` whose state is a `SoapState`.
   """
-  static_int = functools.partial(
-      _shampoo._static_int,  # pylint: disable=protected-access
-      static_options="SOAP_STATIC_OPTIONS")
-  block_size = static_int("block_size", block_size, 1)
-  precondition_every = static_int("precondition_every", precondition_every, 1)
-  max_precondition_dim = static_int(
-      "max_precondition_dim", max_precondition_dim, 1)
-  _shampoo._check_range("b1", b1, 0.0, 1.0, high_open=True)  # pylint: disable=protected-access
-  _shampoo._check_range("b2", b2, 0.0, 1.0)  # pylint: disable=protected-access
-  _shampoo._check_range("shampoo_beta", shampoo_beta, 0.0, 1.0)  # pylint: disable=protected-access
-  _shampoo._check_range("eps", eps, 0.0)  # pylint: disable=protected-access
-  for name, flag in (("skip_nonfinite", skip_nonfinite),
-                     ("cut_at_shards", cut_at_shards)):
-    if not isinstance(flag, (bool, np.bool_)):
-      raise TypeError(f"{name} must be True or False, got {flag!r}.")
-  shard_axes = _sharding.check_shard_axes(shard_axes)
-  basis_dtype = _shampoo._check_dtype("basis_dtype", basis_dtype)  # pylint: disable=protected-access
-  if basis_dtype is None:
-    raise TypeError("basis_dtype must be a floating dtype.")
-
+  options = _checked(**locals())
   plan_for = functools.partial(
-      _shampoo._plan_of,  # pylint: disable=protected-access
-      layer_axes=layer_axes, block_size=block_size,
-      max_precondition_dim=max_precondition_dim, cut_at_shards=cut_at_shards,
-      transform="scale_by_soap")
+      _stages.plan_of, transform="scale_by_soap", layer_axes=layer_axes,
+      block_size=options.block_size,
+      max_precondition_dim=options.max_precondition_dim,
+      cut_at_shards=cut_at_shards)
 
   def init_fn(params):
     plan, _, leaves, _ = plan_for(params)
-    place = _shampoo._factor_placement(plan, leaves, shard_axes)  # pylint: disable=protected-access
-    zeros = functools.partial(_shampoo._family_zeros, plan, leaves,  # pylint: disable=protected-access
-                              jnp.float32)
-    per_family = zeros()
-    nu = []
-    for f, p in _second_moment_keys(plan):
-      if p is None:
-        nu.append(per_family[f])
-      else:
-        index, factor = plan.factors_of(f, p)[0]
-        nu.extend(place([jnp.zeros(factor.batch_shape
-                                   + plan.families[f].pieces[p].block,
-                                   jnp.float32)], [index]))
-    return SoapState(
-        count=jnp.zeros([], jnp.int32),
-        stats=place(jnp.zeros(f.shape, jnp.float32) for f in plan.factors),
-        bases=place(
-            jnp.broadcast_to(jnp.eye(f.dim, dtype=basis_dtype),
-                             f.batch_shape + (f.dim, f.dim))
-            for f in plan.factors),
-        mu=per_family,
-        nu=tuple(nu),
-        diagnostics=SoapDiagnostics(
-            basis_failures=jnp.zeros([], jnp.int32),
-            last_refresh_step=jnp.full([], -1, jnp.int32),
-            nonfinite_steps=jnp.zeros([], jnp.int32),
-        ),
-    )
+    return _init(plan, leaves, options)
 
-  def check_state(plan, paths, leaves, state, specs):
-    del paths, leaves
-    _shampoo._check_layout("scale_by_soap", plan, state.stats, specs)  # pylint: disable=protected-access
-    got = [tuple(m.shape) for m in state.mu + state.nu]
-    expected = ([(fam.units,) + fam.shape for fam in plan.families]
-                + _second_moment_shapes(plan, specs))
-    if got != expected:
-      raise ValueError(
-          "scale_by_soap: the state was made for other parameters or options"
-          f" (moments {got}; these updates need {expected}). Call init with"
-          " this transformation.")
-
-  def update_core(leaves, state, floats, plan, specs, family_specs):
-    b1, b2, eps, beta_s = (jnp.asarray(x, jnp.float32) for x in floats)
+  def update_core(leaves, state, floats, layout):
+    floats = _Floats(*(jnp.asarray(x, jnp.float32) for x in floats))
     count = state.count
-    pin = _sharding.family_pins(family_specs, state.mu)
-    stacked = [pin(plan.stack([g.astype(jnp.float32) for g in leaves], f), f)
-               for f in range(len(plan.families))]
-    finite = _shampoo._all_finite(stacked) if skip_nonfinite else jnp.array(  # pylint: disable=protected-access
-        True)
-    blocks = _shampoo._gradient_blocks(plan, stacked, specs, family_specs)  # pylint: disable=protected-access
-    stats = _shampoo._update_statistics(  # pylint: disable=protected-access
-        plan, blocks, list(state.stats), finite, beta_s, specs)
-
-    first = count == 0
+    grads = _stages.gradients(layout, leaves, state.mu,
+                              options.skip_nonfinite)
+    finite = grads.finite
+    stats = _stages.update_statistics(layout, grads.blocks, list(state.stats),
+                                      finite, floats.shampoo_beta)
     bases = [b.astype(jnp.float32) for b in state.bases]
-    bc = _grafting.bias_correction
-    mus = [pin(_grafting.ema(mu, g, b1), f)
-           for f, (mu, g) in enumerate(zip(state.mu, stacked))]
-    nus = dict(zip(_second_moment_keys(plan), state.nu))
-    directions = {}
-    # Diagonal families: Adam from step 0.
-    for f, fam in enumerate(plan.families):
-      if not fam.preconditioned:
-        nus[(f, None)] = _grafting.ema(nus[(f, None)], jnp.square(stacked[f]),
-                                       b2)
-        directions[f] = (mus[f] / bc(b1, count + 1)) / (
-            jnp.sqrt(nus[(f, None)] / bc(b2, count + 1)) + eps)
-    # Preconditioned families, block by block where their factors live. Step
-    # 0 only initializes the bases; Adam's steps start at 1.
-    adam_step = jnp.maximum(count, 1)
-    transposed = lambda i: jnp.swapaxes(bases[i], -1, -2)
-    # M's blocks from the old M's and G's: cutting the new M instead would
-    # pull its (per-family) computation to the blocks' split.
-    moments = {key: _grafting.ema(old, blocks[key], b1) for key, old in
-               _shampoo._gradient_blocks(plan, list(state.mu), specs,  # pylint: disable=protected-access
-                                         family_specs).items()}
-    rotated = {}
-    for key, block in blocks.items():
-      into = functools.partial(_shampoo._multiplied, plan, key,  # pylint: disable=protected-access
-                               matrices=transposed, specs=specs)
-      nu = _grafting.ema(nus[key], jnp.square(into(block)), b2)
-      nus[key] = jnp.where(first, nus[key], nu)
-      rotated[key] = _shampoo._multiplied(  # pylint: disable=protected-access
-          plan, key, (into(moments[key]) / bc(b1, adam_step))
-          / (jnp.sqrt(nu / bc(b2, adam_step)) + eps),
-          lambda i: bases[i], specs)
-    for f, direction in _shampoo._families_of(  # pylint: disable=protected-access
-        plan, rotated, specs, family_specs).items():
-      directions[f] = jnp.where(first, 0.0, direction)
-      mus[f] = jnp.where(first, state.mu[f], mus[f])
-    directions = [pin(directions[f], f) for f in range(len(plan.families))]
-
-    refresh_now = finite & (count > 0) & (count % precondition_every == 0)
-    bases, _, rejected_first = _refresh_bases(
-        plan, stats, bases, finite & first, specs, method="eigh")
-    bases, orders, rejected = _refresh_bases(
-        plan, stats, bases, refresh_now, specs, method="qr")
-    # V's entries follow their basis vectors through the sort. Only a
-    # refresh sorts: the cond spares every other step the gathers, and
-    # yields zeros (selected below) rather than passing V through, which
-    # would copy it.
-    for key in blocks:
-      permuted = jax.lax.cond(
-          refresh_now,
-          functools.partial(_permuted, plan, key, specs=specs),
-          lambda nu, _: jnp.zeros_like(nu), nus[key], orders)
-      nus[key] = jnp.where(refresh_now, permuted, nus[key])
-    nus = [nus[key] for key in _second_moment_keys(plan)]
-
-    keep = functools.partial(_shampoo._kept_where, finite)  # pylint: disable=protected-access
-    directions = [jnp.where(finite, d, 0.0) for d in directions]
-    starts = plan.member_starts(count, _sharding.units_whole(
-        family_specs, len(plan.families)))
-    updates = [d.astype(g.dtype)
-               for d, g in zip(plan.unstack_tree(directions, starts), leaves)]
-    failures = _shampoo._count_true(rejected + rejected_first)  # pylint: disable=protected-access
+    mus = [grads.pin(_grafting.ema(old, g, floats.b1), f)
+           for f, (old, g) in enumerate(zip(state.mu, grads.stacked))]
+    directions, nus = _rotated_adam(
+        layout, grads, state.mu, mus,
+        dict(zip(_second_moment_keys(layout.plan), state.nu)), bases, count,
+        floats)
+    # Step 0 only sets up the bases: preconditioned blocks keep M = 0.
+    mus = [jnp.where(count == 0, old, m) if fam.preconditioned else m
+           for fam, old, m in zip(layout.plan.families, state.mu, mus)]
+    bases, nus, failures, refreshed = _refresh(
+        layout, stats, bases, nus, count, finite, options.precondition_every)
+    keep = functools.partial(_stages.kept_where, finite)
     diagnostics = state.diagnostics
-    refreshed = finite & (first | refresh_now) & bool(plan.factors)
-    new_state = SoapState(
-        count=jnp.where(finite, optax.safe_increment(count), count),
-        stats=tuple(stats),
-        bases=tuple(q.astype(old.dtype) for q, old in zip(bases, state.bases)),
-        mu=keep(mus, state.mu),
-        nu=keep(nus, state.nu),
-        diagnostics=SoapDiagnostics(
-            basis_failures=diagnostics.basis_failures + failures,
-            last_refresh_step=jnp.where(refreshed, count,
-                                        diagnostics.last_refresh_step),
-            nonfinite_steps=diagnostics.nonfinite_steps
-            + (~finite).astype(jnp.int32)),
-    )
-    return updates, new_state
+    return _stages.to_leaves(
+        layout, grads, [directions[f] for f in range(len(mus))], leaves,
+        count), SoapState(
+            count=jnp.where(finite, optax.safe_increment(count), count),
+            stats=tuple(stats),
+            bases=tuple(q.astype(old.dtype)
+                        for q, old in zip(bases, state.bases)),
+            mu=keep(mus, state.mu),
+            nu=keep([nus[k] for k in _second_moment_keys(layout.plan)],
+                    state.nu),
+            diagnostics=SoapDiagnostics(
+                basis_failures=diagnostics.basis_failures + failures,
+                last_refresh_step=jnp.where(refreshed, count,
+                                            diagnostics.last_refresh_step),
+                nonfinite_steps=diagnostics.nonfinite_steps
+                + (~finite).astype(jnp.int32)))
 
-  update_fn = _shampoo._update_fn(  # pylint: disable=protected-access
-      "scale_by_soap", SoapState, plan_for, check_state, update_core,
-      shard_axes, (b1, b2, eps, shampoo_beta))
+  update_fn = _stages.make_update(
+      "scale_by_soap", SoapState, plan_for, _check_state, update_core,
+      options.shard_axes, (b1, b2, eps, shampoo_beta))
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -508,8 +539,8 @@ def soap(
   Returns:
     An ``optax.GradientTransformation``.
   """
-  _shampoo._check_range("weight_decay", weight_decay, 0.0)  # pylint: disable=protected-access
-  tx = optax.chain(
+  _options.check_range("weight_decay", weight_decay, 0.0)
+  return _stages.with_weight_decay(
       scale_by_soap(
           block_size=block_size,
           b1=b1,
@@ -523,8 +554,4 @@ def soap(
           layer_axes=layer_axes,
           basis_dtype=basis_dtype,
           cut_at_shards=cut_at_shards,
-      ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
-  return _shampoo._skipping_nonfinite(tx) if skip_nonfinite else tx  # pylint: disable=protected-access
+      ), learning_rate, weight_decay, mask, skip_nonfinite)

@@ -15,7 +15,8 @@ from numerics import np_inv_root
 from numerics import NumpyShampoo
 from numerics import run_updates as run
 import shampoo_optax
-from shampoo_optax import _shampoo
+from shampoo_optax import _blocks
+from shampoo_optax import _stages
 from shampoo_optax import _symmetric
 
 # The plain Shampoo of the paper: sums, no momentum, no grafting, roots of the
@@ -71,7 +72,7 @@ def test_blocked_and_merged_against_numpy(shape, block_size, b2):
   tx = shampoo_optax.scale_by_shampoo(
       block_size=block_size, **{**PAPER, "b2": b2})
   ours, _ = run(tx, grads)
-  merged, _ = _shampoo._blocks.merge_dims(shape, block_size)
+  merged, _ = _blocks.merge_dims(shape, block_size)
   ref = NumpyShampoo((block_size,) * len(merged), b2=b2)
   for g, u in zip(grads, ours):
     expected = ref.update(np.asarray(g).reshape(merged)).reshape(shape)
@@ -82,7 +83,7 @@ def test_roots_computed_in_batches_against_numpy(monkeypatch):
   # Batches of 3 matrices of 4 x 4: the 40 roots of the 5 x 4 blocks of a
   # 20 x 16 matrix (a left and a right factor each) go in 13 full batches and
   # a remainder of 1, one after the other.
-  monkeypatch.setattr(_shampoo, "_BATCH_BYTES", 3 * 4 * 4 * 4)
+  monkeypatch.setattr(_stages, "BATCH_BYTES", 3 * 4 * 4 * 4)
   grads = random_grads((20, 16), steps=3, seed=2)
   ours, state = run(shampoo_optax.scale_by_shampoo(block_size=4, **PAPER),
                     grads)

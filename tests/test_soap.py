@@ -14,7 +14,7 @@ import pytest
 from numerics import assert_close
 from numerics import run_updates as run
 from shampoo_optax import _blocks
-from shampoo_optax import _shampoo
+from shampoo_optax import _stages
 from shampoo_optax import _soap
 
 OPTIONS = dict(b1=0.9, b2=0.95, eps=1e-8, shampoo_beta=0.9)
@@ -112,7 +112,7 @@ def test_square_blocks_against_numpy(shape, block_size, batched,
   # Each block's first statistics are full rank with distinct eigenvalues,
   # so float32 and float64 eigenbases agree up to signs (which SOAP ignores).
   if batched:  # Bases of 4 blocks at a time: a full batch and a remainder.
-    monkeypatch.setattr(_shampoo, "_BATCH_BYTES", 4 * 4 * 4 * 4)
+    monkeypatch.setattr(_stages, "BATCH_BYTES", 4 * 4 * 4 * 4)
   grads = random_grads(shape, steps=8, seed=1)
   tx = _soap.scale_by_soap(block_size=block_size, precondition_every=3,
                            **OPTIONS)

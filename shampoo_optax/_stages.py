@@ -1,0 +1,502 @@
+# Copyright 2026 The shampoo_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+r"""The stages every Kronecker-factored preconditioner shares.
+
+A gradient's path through a preconditioner (Shampoo, SOAP, ...):
+
+1. **leaves -> units -> families** (`plan_of`, `gradients`): the static plan
+   (`_blocks`) cuts each leaf into units (its stacked layers) and stacks the
+   units of equal shape from every leaf into one float32 array per family,
+   pinned to the family's split (`_sharding.family_pins`); the step is
+   checked for NaN/Inf (`all_finite`).
+2. **families -> blocks** (`gradient_blocks`): each family's pieces are cut
+   into blocks ``[n, *grid, *block]``, laid out and split as their factors.
+3. **blocks -> statistics** (`update_statistics`): per factor,
+   :math:`S \leftarrow \beta S + (1 - \beta) G_{(i)} G_{(i)}^\top`.
+4. **statistics -> roots or bases**: the preconditioner's own math, on each
+   device's rows (`_sharding.map_blocks`), a bounded batch at a time
+   (`in_batches`).
+5. **preconditioned blocks -> families** (`multiplied`, `families_of`).
+6. **families -> leaves** (`to_leaves`): the directions, zero on a skipped
+   step, back in each leaf's shape and dtype.
+
+Around them: the update shell (`make_update`: state check, splits, explicit
+sharding), the kept state of a skipped step (`kept_where`), counters
+(`count_true`), the init helpers (`factor_placement`, `family_zeros`,
+`check_layout`, `check_families`) and the optax alias with weight decay
+(`with_weight_decay`). A preconditioner module holds only its math and its
+transform, and calls these.
+"""
+
+import functools
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from shampoo_optax import _blocks
+from shampoo_optax import _grafting
+from shampoo_optax import _sharding
+from shampoo_optax import _symmetric
+
+HIGHEST = jax.lax.Precision.HIGHEST
+_LETTERS = "abcdefghijklmnopqrstuvw"
+
+# Rows of matrices computed at once (roots, bases): unpacked, a batch of them
+# takes at most this many bytes (a few such temporaries live meanwhile).
+BATCH_BYTES = 32 * 2**20
+
+
+# ---------------------------------------------------------------------------
+# The plan of a tree.
+
+
+def as_leaves(tree, what: str, transform: str):
+  """Flattens ``tree``; Python and NumPy scalars become arrays."""
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  leaves = []
+  for path, leaf in with_paths:
+    if not hasattr(leaf, "dtype"):
+      leaf = jnp.asarray(leaf)
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise TypeError(
+          f"{transform}: {what} {jax.tree_util.keystr(path)} has dtype"
+          f" {leaf.dtype}; it needs real floating-point {what}s"
+          " (float32, bfloat16, float16, float64). Exclude it with"
+          " optax.masked or optax.partition.")
+    leaves.append(leaf)
+  return [p for p, _ in with_paths], leaves, treedef
+
+
+def resolve_layer_axes(layer_axes, tree, paths, leaves, treedef):
+  """``layer_axes`` as one sorted tuple of non-negative axes per leaf."""
+  if layer_axes is None:
+    return ((),) * len(leaves)
+  spec = layer_axes(tree) if callable(layer_axes) else layer_axes
+  try:
+    per_leaf = treedef.flatten_up_to(spec)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "layer_axes must be None, a pytree with the structure of the params"
+        " whose leaves are an int, a tuple of ints or None, or a callable of"
+        f" the params returning one; got {spec!r} ({e}).") from None
+  resolved = []
+  for path, leaf, axes in zip(paths, leaves, per_leaf):
+    axes = () if axes is None else (axes,) if isinstance(
+        axes, (int, np.integer)) else axes
+    name = jax.tree_util.keystr(path)
+    if not isinstance(axes, (tuple, list)) or not all(
+        isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+        and -leaf.ndim <= a < leaf.ndim for a in axes):
+      raise ValueError(
+          f"layer_axes of {name} (shape {tuple(leaf.shape)}) must be None, an"
+          f" int or a tuple of ints in [-{leaf.ndim}, {leaf.ndim}), got"
+          f" {axes!r}.")
+    axes = tuple(sorted(int(a) % leaf.ndim for a in axes))
+    if len(set(axes)) != len(axes):
+      raise ValueError(f"layer_axes of {name} repeats an axis: {axes!r}.")
+    resolved.append(axes)
+  return tuple(resolved)
+
+
+def plan_of(tree, *, transform: str, layer_axes, block_size: int,
+            max_precondition_dim: int, exponent_override=None,
+            cut_at_shards: bool = False):
+  """The plan of a tree of updates or params, and its flattened leaves.
+
+  Returns ``(plan, paths, leaves, treedef)``.
+  """
+  paths, leaves, treedef = as_leaves(tree, "update", transform)
+  axes = resolve_layer_axes(layer_axes, tree, paths, leaves, treedef)
+  plan = _blocks.make_plan(
+      tuple(tuple(x.shape) for x in leaves), axes, block_size,
+      max_precondition_dim, exponent_override,
+      _sharding.shard_counts(leaves) if cut_at_shards else None)
+  return plan, paths, leaves, treedef
+
+
+# ---------------------------------------------------------------------------
+# The update shell.
+
+
+class Layout(NamedTuple):
+  """The static plan, and the splits read when the update is traced.
+
+  Attributes:
+    plan: the `_blocks.Plan`.
+    specs: per factor, the split of its batch axes (`_sharding`).
+    family_specs: per family, the split of its ``[units, *shape]`` arrays;
+      ``None`` where the parameters' splits are not visible (``Auto`` axes).
+  """
+
+  plan: _blocks.Plan
+  specs: list
+  family_specs: list | None
+
+
+def make_update(transform: str, state_type, plan_for, check_state,
+                update_core, shard_axes, floats):
+  """A transform's ``update`` around its arithmetic ``update_core``.
+
+  Checks the state's type, builds the plan of the updates and reads the
+  splits (`Layout`), checks the state against them (``check_state(layout,
+  paths, leaves, state)``) and runs ``update_core(leaves, state, floats,
+  layout)`` under `_sharding.in_auto_mode`. The float options are
+  arguments, not closed over: under explicit sharding they must cross into
+  ``in_auto_mode`` like every traced value.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    if not isinstance(state, state_type):
+      raise TypeError(
+          f"{transform}: expected the {state_type.__name__} made by this"
+          f" transformation's init, got {type(state).__name__}.")
+    plan, paths, leaves, treedef = plan_for(updates)
+    layout = Layout(plan, *_sharding.update_specs(plan, state.stats, leaves,
+                                                  shard_axes))
+    check_state(layout, paths, leaves, state)
+    core = functools.partial(update_core, layout=layout)
+    new_leaves, new_state = _sharding.in_auto_mode(core)(leaves, state, floats)
+    return jax.tree.unflatten(treedef, new_leaves), new_state
+
+  return update_fn
+
+
+class Gradients(NamedTuple):
+  """A step's gradients, as every preconditioner starts from them.
+
+  Attributes:
+    stacked: float32 ``[units, *shape]`` per family, pinned to its split.
+    blocks: ``{(family, piece): blocks}`` of every preconditioned family,
+      laid out and split as the piece's factors (`gradient_blocks`).
+    finite: whether the step is finite (a constant True without the check).
+    pin: ``pin(x, family)`` pins a family's ``[units, *shape]`` array.
+  """
+
+  stacked: list[jax.Array]
+  blocks: dict
+  finite: jax.Array
+  pin: Callable[[jax.Array, int], jax.Array]
+
+
+def gradients(layout: Layout, leaves, alike, skip_nonfinite: bool
+              ) -> Gradients:
+  """Stacks, checks and cuts the gradients (stages 1 and 2).
+
+  ``alike``: a per-family state (one ``[units, *shape]`` array per family)
+  whose split the stacked families follow where theirs is not visible.
+  """
+  plan = layout.plan
+  pin = _sharding.family_pins(layout.family_specs, alike)
+  stacked = [pin(plan.stack([g.astype(jnp.float32) for g in leaves], f), f)
+             for f in range(len(plan.families))]
+  finite = all_finite(stacked) if skip_nonfinite else jnp.array(True)
+  # Non-finite values reach only results that are discarded (`kept_where`).
+  return Gradients(stacked, gradient_blocks(layout, stacked), finite, pin)
+
+
+def all_finite(stacked) -> jax.Array:
+  """Whether every gradient is finite and its squares do not overflow."""
+  # A finite sum of squares bounds every entry of G G^T and of g^2, so the
+  # statistics and accumulators cannot overflow either. The sqrt changes no
+  # answer; XLA deems it expensive and computes it once, where it would copy
+  # a chain of cheap scalar adds into every fusion that selects on it.
+  total = sum((jnp.sum(jnp.square(x)) for x in stacked),
+              jnp.zeros([], jnp.float32))
+  return jnp.isfinite(jnp.sqrt(total))
+
+
+def to_leaves(layout: Layout, grads: Gradients, directions, leaves, count
+              ) -> list[jax.Array]:
+  """Per-family directions -> one update per leaf (zero on a skipped step).
+
+  ``count`` (any int32 computed at run time) hides the members' offsets
+  from XLA (`_blocks.Plan.member_starts`).
+  """
+  plan = layout.plan
+  # The per-leaf work is only this: a slice of each family, cast. The
+  # barrier makes XLA compute the families once instead of copying their
+  # whole elementwise expression into every leaf's slice (compile time).
+  directions = jax.lax.optimization_barrier(
+      [grads.pin(jnp.where(grads.finite, d, 0.0), f)
+       for f, d in enumerate(directions)])
+  starts = plan.member_starts(count, _sharding.units_whole(
+      layout.family_specs, len(plan.families)))
+  return [d.astype(g.dtype)
+          for d, g in zip(plan.unstack_tree(directions, starts), leaves)]
+
+
+# ---------------------------------------------------------------------------
+# Blocks and statistics.
+
+
+def gradient_blocks(layout: Layout, stacked) -> dict:
+  """``{(family, piece): blocks}`` of every preconditioned family.
+
+  Each piece's blocks ``[n, *grid, *block]`` are laid out as its factors
+  (`_sharding.to_layout`: padded rows where they are stored so) and pinned
+  to their split. A family is cut from its `_sharding.cut_spec` split (or
+  moved into its rows by all-to-alls, `_sharding.rows_route`).
+  """
+  plan, specs = layout.plan, layout.specs
+  out = {}
+  for index, factor in enumerate(plan.factors):
+    key = (factor.family, factor.piece)
+    if key in out:
+      continue
+    piece = plan.families[factor.family].pieces[factor.piece]
+    route = _sharding.rows_route(plan, factor.family, specs,
+                                 layout.family_specs)
+    if route is None:
+      whole = _sharding.pin(stacked[factor.family],
+                            _sharding.cut_spec(plan, factor, specs[index]))
+      blocks = _sharding.to_layout(
+          _blocks.blocks_of(whole, piece), factor.batch_shape,
+          _sharding.layout_batch_shape(factor, specs[index]))
+    else:
+      blocks = _sharding.to_rows(stacked[factor.family], piece, route)
+    out[key] = _sharding.constrain(blocks, specs[index])
+  return out
+
+
+def families_of(layout: Layout, blocks) -> dict:
+  """Inverse of `gradient_blocks`: ``{family: [units, *shape]}``."""
+  plan, specs = layout.plan, layout.specs
+  out = {}
+  for f, fam in enumerate(plan.families):
+    if not fam.preconditioned:
+      continue
+    route = _sharding.rows_route(plan, f, specs, layout.family_specs)
+    if route is not None:
+      out[f] = _sharding.from_rows(blocks[(f, 0)], fam.pieces[0], fam.shape,
+                                   route)
+      continue
+    pieces = []
+    for p in range(len(fam.pieces)):
+      index, factor = plan.factors_of(f, p)[0]
+      x = blocks[(f, p)]
+      if _sharding.is_rows(factor, specs[index]):
+        x = _sharding.pin(x, (None,) * x.ndim)
+      x = _sharding.from_layout(
+          x, factor.batch_shape,
+          _sharding.layout_batch_shape(factor, specs[index]))
+      cut = _sharding.cut_spec(plan, factor, specs[index])
+      pieces.append(_sharding.pin(x, cut + (None,) * len(fam.shape)))
+    out[f] = _blocks.assemble(pieces, fam.pieces)
+  return out
+
+
+def _gram(block: jax.Array, axis: int, nbatch: int) -> jax.Array:
+  """Packed ``G_(axis) G_(axis)^T`` of every block ``[*batch, *block]``."""
+  x = jnp.moveaxis(block, nbatch + axis, nbatch)
+  x = x.reshape(x.shape[:nbatch + 1] + (-1,))
+  return _symmetric.packed_gram(x, precision=HIGHEST)
+
+
+def update_statistics(layout: Layout, blocks, stats, update_now, b2
+                      ) -> list[jax.Array]:
+  """``S <- b2 S + (1 - b2) G G^T`` for every factor, where ``update_now``."""
+  plan, specs = layout.plan, layout.specs
+
+  def contributions(blocks):
+    return [
+        _sharding.constrain(
+            _gram(blocks[(f.family, f.piece)], f.axis, len(spec)), spec)
+        for f, spec in zip(plan.factors, specs)
+    ]
+
+  # The cond yields zeros when not updating and the selection happens
+  # outside: a cond branch that passes a large operand through is a slow
+  # copy on CPU, an elementwise select is not.
+  grams = jax.lax.cond(update_now, contributions,
+                       lambda _: [jnp.zeros_like(s) for s in stats], blocks)
+  return [jnp.where(update_now, _grafting.ema(old, new, b2), old)
+          for old, new in zip(stats, grams)]
+
+
+def mode_product(block: jax.Array, matrix: jax.Array, axis: int,
+                 nbatch: int) -> jax.Array:
+  """Axis ``axis`` of every block ``[*batch, *block]`` times ``matrix``.
+
+  ``matrix`` ``[*batch, d, d]``: ``y[.., i, ..] = sum_j matrix[i, j] x[.., j,
+  ..]``.
+  """
+  batch = _LETTERS[:nbatch]
+  dims = _LETTERS[nbatch:block.ndim]
+  out = dims.replace(dims[axis], "z")
+  return jnp.einsum(f"{batch}z{dims[axis]},{batch}{dims}->{batch}{out}",
+                    matrix, block, precision=HIGHEST)
+
+
+def multiplied(layout: Layout, key, block, matrices) -> jax.Array:
+  """Axis ``i`` of every block of piece ``key`` times ``matrices(index)``.
+
+  ``block`` is laid out as the piece's factors, ``index`` runs over them.
+  """
+  for index, factor in layout.plan.factors_of(*key):
+    spec = layout.specs[index]
+    block = _sharding.constrain(
+        mode_product(block, matrices(index), factor.axis, len(spec)), spec)
+  return block
+
+
+# ---------------------------------------------------------------------------
+# Rows: the batch of matrices a device computes on.
+
+
+def rows(array: jax.Array, nbatch: int) -> jax.Array:
+  """``array`` with its ``nbatch`` leading axes flattened into one."""
+  batch = array.shape[:nbatch]
+  return array.reshape((math.prod(batch),) + array.shape[nbatch:])
+
+
+def in_batches(fn, *arrays, row_bytes: int):
+  """``fn(*arrays)`` computed on batches of rows, one after the other.
+
+  ``fn`` maps arrays ``[m, ...]`` to a pytree of arrays ``[m, ...]``, each
+  row on its own; it is called on at most ``BATCH_BYTES // row_bytes`` rows
+  at a time, so that what it unpacks is not held for all rows at once.
+  """
+  size = max(1, BATCH_BYTES // row_bytes)
+  count = arrays[0].shape[0]
+  if count <= size:
+    return fn(*arrays)
+  full_batches, rest = divmod(count, size)
+  full = full_batches * size
+  out = jax.lax.map(lambda xs: fn(*xs), tuple(
+      x[:full].reshape((full_batches, size) + x.shape[1:]) for x in arrays))
+  out = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), out)
+  if not rest:
+    return out
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out,
+                      fn(*(x[full:] for x in arrays)))
+
+
+# ---------------------------------------------------------------------------
+# The state of a skipped step, and counters.
+
+
+def kept_where(finite, new, old) -> tuple[jax.Array, ...]:
+  """``new`` where ``finite``, else ``old``, in ``old``'s dtypes."""
+  return tuple(jnp.where(finite, n, o).astype(o.dtype)
+               for n, o in zip(new, old))
+
+
+def count_true(masks) -> jax.Array:
+  """The number of true entries over a list of boolean arrays, int32."""
+  return sum((jnp.sum(m, dtype=jnp.int32) for m in masks),
+             jnp.zeros([], jnp.int32))
+
+
+# ---------------------------------------------------------------------------
+# Init and the state's checks.
+
+
+def factor_placement(plan, leaves, shard_axes):
+  """For ``init``: per-factor arrays ``[*batch, ...]`` laid out and split.
+
+  Returns ``place(arrays, indices=None)``: one array per factor of
+  ``indices`` (default all; each in the factor's own batch shape) in the
+  factor's layout (padding rows are zeros), pinned to its split
+  (`_sharding.factor_batch_specs`).
+  """
+  specs = _sharding.factor_batch_specs(
+      plan, [_sharding.leaf_spec(x) for x in leaves], shard_axes)
+
+  def place(arrays, indices=None):
+    factors = enumerate(plan.factors) if indices is None else (
+        (i, plan.factors[i]) for i in indices)
+    return tuple(
+        _sharding.constrain(_sharding.to_layout(
+            x, f.batch_shape, _sharding.layout_batch_shape(f, specs[i])),
+                            specs[i])
+        for x, (i, f) in zip(arrays, factors))
+
+  return place
+
+
+def family_zeros(plan, leaves, dtype) -> tuple[jax.Array, ...]:
+  """Zeros ``[units, *shape]`` per family, split like its leaves.
+
+  ``dtype`` ``None`` takes the dtype of the family's first leaf.
+  """
+  leaf_specs = [_sharding.leaf_spec(x) for x in leaves]
+  return tuple(
+      _sharding.constrain(
+          jnp.zeros((fam.units,) + fam.shape,
+                    dtype or leaves[fam.members[0].leaf].dtype),
+          _sharding.family_spec(plan, f, leaf_specs))
+      for f, fam in enumerate(plan.families))
+
+
+def check_layout(transform: str, layout: Layout, stats) -> None:
+  """Raises unless the statistics have the shapes the plan and split need."""
+  expected = [_sharding.layout_batch_shape(f, spec)
+              + f.shape[len(f.batch_shape):]
+              for f, spec in zip(layout.plan.factors, layout.specs)]
+  got = [tuple(s.shape) for s in stats]
+  if got == expected:
+    return
+  if got == [f.shape for f in layout.plan.factors]:
+    raise ValueError(
+        f"{transform}: the state is in the checkpoint layout (unpadded), but"
+        " on this mesh some statistics are stored as padded rows"
+        f" ({expected}). After restoring a checkpoint call"
+        " shampoo_optax.pad_state(tx, params, state, mesh).")
+  raise ValueError(
+      f"{transform}: the state's statistics have shapes {got}, but these"
+      f" options, updates and mesh need {expected}: the state was made with"
+      " other options (block_size, max_precondition_dim, exponent_override,"
+      " layer_axes, cut_at_shards), for other parameters or for another mesh"
+      " (with cut_at_shards, parameters split into other shard counts). Call"
+      " init with this transformation, or build it with the options the state"
+      " was made with; a checkpoint moves between meshes with"
+      " shampoo_optax.unpad_state and shampoo_optax.pad_state.")
+
+
+def check_families(transform: str, plan, paths, leaves, fields) -> None:
+  """Raises unless each per-family field (or None) stacks as the updates."""
+  families = [(fam.units,) + fam.shape for fam in plan.families]
+  for field in fields:
+    if field is not None and [tuple(x.shape) for x in field] != families:
+      raise ValueError(
+          f"{transform}: the updates do not match the tree given to init:"
+          f" their units stack as {families}, the state's as"
+          f" {[tuple(x.shape) for x in field]}; leaves: "
+          f"{[(jax.tree_util.keystr(k), tuple(x.shape)) for k, x in zip(paths, leaves)]}.")
+
+
+# ---------------------------------------------------------------------------
+# The optax alias.
+
+
+def with_weight_decay(tx, learning_rate, weight_decay, mask,
+                      skip_nonfinite: bool) -> optax.GradientTransformation:
+  r"""``w <- w - lr_t (D_t + weight_decay w)`` from ``tx``'s direction D.
+
+  With ``skip_nonfinite``, a step ``tx`` skipped (its state's
+  ``diagnostics.nonfinite_steps`` moved) is a no-op for the whole chain: no
+  weight decay, and the learning-rate schedule does not advance.
+  """
+  chain = optax.chain(tx, optax.add_decayed_weights(weight_decay, mask),
+                      optax.scale_by_learning_rate(learning_rate))
+  if not skip_nonfinite:
+    return chain
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, new_state = chain.update(updates, state, params, **extra_args)
+    skipped = (new_state[0].diagnostics.nonfinite_steps
+               != state[0].diagnostics.nonfinite_steps)
+    new_state = (new_state[0],) + tuple(jax.tree.map(
+        lambda new, old: jnp.where(skipped, old, new), new_state[1:],
+        state[1:]))
+    new_updates = jax.tree.map(
+        lambda u: jnp.where(skipped, jnp.zeros_like(u), u), new_updates)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+

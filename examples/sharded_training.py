@@ -163,7 +163,7 @@ def describe(pattern, losses, params, opt_state) -> str:
       f"{s.shape[:-2]}->{s.addressable_shards[0].data.shape[:-2]}"
       for s in shampoo_state.stats)
   kernel = params["params"]["Dense_1"]["kernel"]
-  momentum = shampoo_state.mu[2]  # Dense_1's kernel, as 1 x 64 x 64.
+  momentum = shampoo_state.mu["params"]["Dense_1"]["kernel"]
   return (
       f"{pattern:>8}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; blocks of"
       f" each factor (global->per device) {stacks}; Dense_1 kernel"

@@ -230,9 +230,14 @@ class Plan:
   def unstack_tree(self, stacked: Sequence[jax.Array],
                    starts: Sequence[Sequence[jax.Array]] | None = None
                    ) -> list[jax.Array]:
-    """Leaves in flattened order from one stacked array per family."""
+    """Leaves in flattened order from one stacked array per family.
+
+    A family given as None leaves its leaves None.
+    """
     leaves = [None] * len(self.shapes)
     for f, fam in enumerate(self.families):
+      if stacked[f] is None:
+        continue
       for m, x in zip(fam.members, self.unstack(
           stacked[f], f, None if starts is None else starts[f])):
         leaves[m.leaf] = x

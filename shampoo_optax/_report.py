@@ -10,8 +10,19 @@ import numpy as np
 
 from shampoo_optax import _placement
 from shampoo_optax import _shampoo
+from shampoo_optax import _soap
 
-KINDS = ("statistics", "roots", "grafting", "momentum", "other")
+KINDS = ("statistics", "roots", "bases", "grafting", "momentum",
+         "second moments", "other")
+# The kind of each field of a preconditioner's state; fields of per-factor
+# matrices are reported by factor size. Any other field is "other".
+_FIELDS = {
+    _shampoo.ShampooState: {"stats": "statistics", "preconditioners": "roots",
+                            "graft": "grafting", "mu": "momentum"},
+    _soap.SoapState: {"stats": "statistics", "bases": "bases",
+                      "mu": "momentum", "nu": "second moments"},
+}
+_MATRICES = ("statistics", "roots", "bases")
 
 
 def _packed_side(shape) -> int:
@@ -37,10 +48,12 @@ class StateReport:
   devices: int
 
   def total(self, kind: str | None = None) -> int:
+    """Bytes of the whole state, or of one of `KINDS` (e.g. "momentum")."""
     return sum(r[3] for r in self.rows if kind in (None, r[0]))
 
   def per_device(self, kind: str | None = None) -> int:
-    """The largest device's bytes (every array's largest shard)."""
+    """Bytes on the fullest device (every array's largest shard), in all or
+    of one of `KINDS`."""
     return sum(r[4] for r in self.rows if kind in (None, r[0]))
 
   @property
@@ -54,15 +67,15 @@ class StateReport:
         f" ({self.bytes_per_param_byte:.2f}x the parameters'"
         f" {mib(self.param_bytes)} MiB), {mib(self.per_device())} MiB per"
         f" device on {self.devices}",
-        f"{'kind':<11} {'bucket':>11} {'matrices':>9} {'MiB':>11}"
+        f"{'kind':<14} {'bucket':>11} {'matrices':>9} {'MiB':>11}"
         f" {'MiB/device':>11}",
     ]
     for kind, bucket, count, size, local in self.rows:
-      lines.append(f"{kind:<11} {bucket:>11} {count or '':>9} {mib(size):>11}"
+      lines.append(f"{kind:<14} {bucket:>11} {count or '':>9} {mib(size):>11}"
                    f" {mib(local):>11}")
     for kind in KINDS:
       if any(r[0] == kind for r in self.rows):
-        lines.append(f"{kind + ' (all)':<21} {'':>9}"
+        lines.append(f"{kind + ' (all)':<26} {'':>9}"
                      f" {mib(self.total(kind)):>11}"
                      f" {mib(self.per_device(kind)):>11}")
     return "\n".join(lines)
@@ -71,9 +84,10 @@ class StateReport:
 def state_report(tx, params, mesh=None, param_shardings=None) -> StateReport:
   """The bytes ``tx.init(params)`` would take, without allocating them.
 
-  Shampoo's statistics and roots are reported per factor size (``d x d``),
-  its grafting accumulators and momentum as such, and everything else
-  (counts, diagnostics, other transforms' state) as ``other``. With a mesh,
+  Statistics, roots (Shampoo) and bases (SOAP) are reported per factor size
+  (``d x d``); grafting accumulators, momentum and second moments as such;
+  everything else (counts, diagnostics, other transforms' state) as
+  ``other``. With a mesh,
   each array's per-device bytes are those of its largest shard under
   `shampoo_optax.state_shardings` (so call it under the same conditions as
   the training: ``param_shardings`` or the parameters' own shardings).
@@ -89,7 +103,7 @@ def state_report(tx, params, mesh=None, param_shardings=None) -> StateReport:
   """
   shapes = _placement.abstract_state(tx, params, mesh, param_shardings)
   devices = 1 if mesh is None else mesh.size
-  is_state = lambda x: isinstance(x, _shampoo.ShampooState)
+  is_state = lambda x: type(x) in _FIELDS
   rows = {}
 
   def add(kind, bucket, matrices, x):
@@ -103,16 +117,15 @@ def state_report(tx, params, mesh=None, param_shardings=None) -> StateReport:
     if not is_state(state):
       add("other", "", 0, state)
       return
-    for name, kind in (("stats", "statistics"),
-                       ("preconditioners", "roots")):
-      for x in getattr(state, name):
-        d = _packed_side(x.shape)
-        add(kind, f"{d} x {d}", math.prod(x.shape[:-2]), x)
-    for name, kind in (("graft", "grafting"), ("mu", "momentum"),
-                       ("count", "other"), ("refreshed_at", "other"),
-                       ("diagnostics", "other")):
+    kinds = _FIELDS[type(state)]
+    for name in state._fields:
+      kind = kinds.get(name, "other")
       for x in jax.tree.leaves(getattr(state, name)):
-        add(kind, "", 0, x)
+        if kind in _MATRICES:
+          d = x.shape[-1] if kind == "bases" else _packed_side(x.shape)
+          add(kind, f"{d} x {d}", math.prod(x.shape[:-2]), x)
+        else:
+          add(kind, "", 0, x)
 
   for state in jax.tree.leaves(shapes, is_leaf=is_state):
     visit(state)

@@ -266,9 +266,10 @@ def _newton_root(a: jax.Array, ridge_epsilon: jax.Array, p: int,
   z = (p + 1) / (2 * (upper + ridge))
   x = z[..., None, None] ** (1.0 / p) * eye
   m = z[..., None, None] * regularized
-  batch_shape = a.shape[:-2]
-  init = (0, x, m, jnp.full(batch_shape, jnp.inf, a.dtype),
-          jnp.ones(batch_shape, bool))
+  # Built from ``a``, so that they carry its type (e.g. varying over the
+  # axes of a `jax.shard_map`) as the loop's results do.
+  init = (0, x, m, jnp.full_like(a[..., 0, 0], jnp.inf),
+          jnp.ones_like(a[..., 0, 0], bool))
 
   def cond(state):
     iteration, *_, active = state

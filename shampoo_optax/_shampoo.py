@@ -288,8 +288,8 @@ def _refresh_roots(layout, stats, roots, refreshed_at, phases, count, floats,
             k < hi,
             functools.partial(_packed_roots, dim=dim, p=p,
                               method=root_method, ridge_epsilon=eps),
-            lambda c: (jnp.zeros(c.shape, jnp.float32),
-                       jnp.full(c.shape[:1], jnp.inf, jnp.float32)),
+            lambda c: (jnp.zeros_like(c),
+                       jnp.full_like(c[:, 0, 0], jnp.inf)),
             candidates)
         ok = jnp.isfinite(error) & (error <= max_error)
         offset = 0
@@ -308,8 +308,7 @@ def _refresh_roots(layout, stats, roots, refreshed_at, phases, count, floats,
           rejected[i] = put(rejected[i], own & ~ok[part], start)
       return roots, refreshed_at, errors, rejected
 
-    per_row = lambda dtype: [jnp.zeros(x.shape[:1], dtype)
-                             for x in refreshed_at]
+    per_row = lambda dtype: [jnp.zeros_like(x, dtype) for x in refreshed_at]
     out = jax.lax.fori_loop(lo, hi, phase, (
         roots, refreshed_at, per_row(jnp.float32), per_row(jnp.bool_)))
     return tuple([x.reshape(shape) for x, shape in zip(xs, shapes)]
@@ -392,22 +391,24 @@ def _diagnostics(old: ShampooDiagnostics, count, phases, errors, rejected,
       nonfinite_steps=old.nonfinite_steps + (~finite).astype(jnp.int32))
 
 
-def _init(plan, leaves, options: _Options) -> ShampooState:
+def _init(plan, leaves, treedef, options: _Options) -> ShampooState:
   """The state of `scale_by_shampoo` for the leaves of ``plan``."""
   place = _stages.factor_placement(plan, leaves, options.shard_axes)
   eye = lambda f: _symmetric.pack(
       jnp.eye(f.dim, dtype=options.preconditioner_dtype))
-  per_family = functools.partial(_stages.family_zeros, plan, leaves)
+  per_factor = functools.partial(_stages.per_factor, plan)
   return ShampooState(
       count=jnp.zeros([], jnp.int32),
-      stats=place(jnp.zeros(f.shape, jnp.float32) for f in plan.factors),
-      preconditioners=place(jnp.broadcast_to(eye(f), f.shape)
-                            for f in plan.factors),
-      refreshed_at=place(jnp.full(f.batch_shape, -1, jnp.int32)
-                         for f in plan.factors),
-      graft=per_family(jnp.float32) if _grafting.has_accumulator(
-          options.graft) else None,
-      mu=per_family(options.mu_dtype) if options.use_momentum else None,
+      stats=per_factor(place(jnp.zeros(f.shape, jnp.float32)
+                             for f in plan.factors)),
+      preconditioners=per_factor(place(jnp.broadcast_to(eye(f), f.shape)
+                                       for f in plan.factors)),
+      refreshed_at=per_factor(place(jnp.full(f.batch_shape, -1, jnp.int32)
+                                    for f in plan.factors)),
+      graft=treedef.unflatten(_stages.leaf_zeros(leaves, jnp.float32))
+      if _grafting.has_accumulator(options.graft) else None,
+      mu=treedef.unflatten(_stages.leaf_zeros(leaves, options.mu_dtype))
+      if options.use_momentum else None,
       diagnostics=ShampooDiagnostics(
           root_failures=jnp.zeros([], jnp.int32),
           max_root_error=jnp.zeros([], jnp.float32),
@@ -434,7 +435,7 @@ def _check_state(layout, paths, leaves, state: ShampooState,
           f" {'accumulators' if name == 'graft' else 'momentum'}, the state"
           f" {'has none' if wanted else 'has them'}. Call init again with"
           " this transformation.")
-  _stages.check_families("scale_by_shampoo", layout.plan, paths, leaves,
+  _stages.check_per_leaf("scale_by_shampoo", layout, paths, leaves,
                          (state.graft, state.mu))
   _stages.check_layout("scale_by_shampoo", layout, state.stats)
 
@@ -555,15 +556,15 @@ def scale_by_shampoo(
       exponent_override=options.exponent_override,
       cut_at_shards=cut_at_shards)
 
-  def init_fn(params):
-    plan, _, leaves, _ = plan_for(params)
-    return _init(plan, leaves, options)
-
   def update_core(leaves, state, floats, layout):
     floats = _Floats(*(jnp.asarray(x, jnp.float32) for x in floats))
     count, step = state.count, optax.safe_increment(state.count)
+    mu_leaves, graft_leaves = (_stages.leaves_of(layout, x)
+                               for x in (state.mu, state.graft))
+    mus = _stages.stacked_state(layout, mu_leaves)
+    accumulators = _stages.stacked_state(layout, graft_leaves)
     grads = _stages.gradients(
-        layout, leaves, state.mu if state.mu is not None else state.graft,
+        layout, leaves, mus if mus is not None else accumulators,
         options.skip_nonfinite)
     finite = grads.finite
     stats = _stages.update_statistics(
@@ -582,36 +583,39 @@ def scale_by_shampoo(
     # Without skip_nonfinite, `finite` is a constant True and the selects
     # below fold away.
     keep = functools.partial(_stages.kept_where, finite)
-    accumulators = None if state.graft is None else list(state.graft)
     grafted = _grafting.graft_direction(
         options.graft, grads.stacked, accumulators, step, floats.graft_b2,
         floats.graft_eps)
     directions = _graft(layout.plan, grafted.direction, preconditioned,
                         use_shampoo, options.graft)
-    mu = None
-    if state.mu is not None:
+    if mus is not None:
       directions, new_mus = _momentum(
-          directions, [m.astype(jnp.float32) for m in state.mu], step,
-          floats.b1, nesterov=options.nesterov, heavy_ball=options.heavy_ball)
-      mu = keep(new_mus, state.mu)
+          directions, mus, step, floats.b1, nesterov=options.nesterov,
+          heavy_ball=options.heavy_ball)
+      mus = keep(new_mus, mus)
+    if accumulators is not None:
+      accumulators = keep(grafted.accumulators, accumulators)
+    updates, (graft, mu) = _stages.to_leaves(
+        layout, grads, count, directions, leaves,
+        (accumulators, graft_leaves), (mus, mu_leaves))
     # The statistics and roots are already guarded (by their update's
     # condition and empty refresh phases).
-    return _stages.to_leaves(layout, grads, directions, leaves, count), (
-        ShampooState(
-            count=jnp.where(finite, step, count),
-            stats=tuple(stats),
-            preconditioners=tuple(roots),
-            refreshed_at=tuple(refreshed_at),
-            graft=None if accumulators is None else keep(
-                grafted.accumulators, state.graft),
-            mu=mu,
-            diagnostics=_diagnostics(state.diagnostics, count, phases,
-                                     errors, rejected, finite)))
+    return updates, ShampooState(
+        count=jnp.where(finite, step, count),
+        stats=tuple(stats),
+        preconditioners=tuple(roots),
+        refreshed_at=tuple(refreshed_at),
+        graft=_stages.tree_of(layout, graft),
+        mu=_stages.tree_of(layout, mu),
+        diagnostics=_diagnostics(state.diagnostics, count, phases, errors,
+                                 rejected, finite))
 
   update_fn = _stages.make_update(
       "scale_by_shampoo", ShampooState, plan_for,
       functools.partial(_check_state, options=options), update_core,
       options.shard_axes, floats)
+  init_fn = _stages.make_init(
+      plan_for, functools.partial(_init, options=options))
   return optax.GradientTransformation(init_fn, update_fn)
 
 

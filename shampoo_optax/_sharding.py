@@ -474,6 +474,33 @@ def map_blocks(fn: Callable[..., Any], batch_specs, sharded_args, replicated,
   )(sharded_args, replicated)
 
 
+def _varying(x) -> frozenset:
+  """The `jax.shard_map` axes over which ``x`` varies (its type says)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+  return frozenset(manual.varying if manual is not None
+                   else getattr(aval, "vma", ()))
+
+
+def vary_like(tree, leaves):
+  """``tree``'s arrays varying over every axis some leaf varies over.
+
+  Inside a `jax.shard_map` (each device its own optimizer) values computed
+  from the parameters vary over its axes; constants do not. A state built
+  from constants is made to vary alike, so that the update returns the types
+  it was given. Elsewhere it returns ``tree`` as it is.
+  """
+  axes = set().union(*(_varying(x) for x in leaves))
+  if not axes:
+    return tree
+
+  def vary(x):
+    missing = tuple(sorted(axes - _varying(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(vary, tree)
+
+
 def explicit_axes_in_context() -> tuple[str, ...]:
   """The ``Explicit`` axes of the mesh set by `jax.set_mesh` (may be empty)."""
   mesh = jax.sharding.get_abstract_mesh()

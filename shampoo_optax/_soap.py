@@ -114,7 +114,8 @@ def _normalized(s: jax.Array) -> jax.Array:
 def _eigenbasis(s: jax.Array):
   """Eigenvectors of ``s``, by decreasing eigenvalue, and the identity order."""
   _, vectors = jnp.linalg.eigh(s, symmetrize_input=False)
-  order = jnp.broadcast_to(jnp.arange(s.shape[-1]), s.shape[:-1])
+  # Built from ``s`` to carry its type, as `_power_qr`'s order does.
+  order = jnp.zeros_like(s[..., 0], jnp.int32) + jnp.arange(s.shape[-1])
   return vectors[..., ::-1], order
 
 
@@ -127,7 +128,10 @@ def _power_qr(s: jax.Array, q: jax.Array):
   """
   sq = jnp.matmul(s, q, precision=_stages.HIGHEST)
   estimates = jnp.sum(q * sq, axis=-2)
-  order = jnp.argsort(-estimates, axis=-1, stable=True)
+  # The zeros give the order ``s``'s type: argsort's result takes that of
+  # its own iota (not varying over `jax.shard_map` axes).
+  order = (jnp.argsort(-estimates, axis=-1, stable=True)
+           + jnp.zeros_like(estimates, jnp.int32))
   # qr(S Q[:, order]) = qr((S Q)[:, order]).
   sq = jnp.take_along_axis(sq, order[..., None, :], axis=-1)
   return jnp.linalg.qr(sq)[0], order
@@ -154,7 +158,7 @@ def _refresh_bases(layout, stats, bases, now, *, method: str):
     stats, old, valid = ([_stages.rows(x, n) for x, n in zip(xs, nbatch)]
                          for xs in arrays)
     old = [q.astype(jnp.float32) for q in old]
-    identity = [jnp.broadcast_to(jnp.arange(f.dim), q.shape[:-1])
+    identity = [jnp.zeros_like(q[..., 0], jnp.int32) + jnp.arange(f.dim)
                 for f, q in zip(plan.factors, old)]
 
     def compute(stats, old):
@@ -191,11 +195,14 @@ def _refresh_bases(layout, stats, bases, now, *, method: str):
       body, specs, (list(stats), list(bases), valid), (now,), num_outputs=3)
 
 
-def _second_moment_keys(plan) -> list[tuple[int, int | None]]:
-  """Where Adam's second moment lives: ``(family, None)`` for a diagonal
-  family, ``(family, piece)`` for each piece of a preconditioned one."""
-  return [(f, p) for f, fam in enumerate(plan.families)
-          for p in (range(len(fam.pieces)) if fam.preconditioned else [None])]
+def _second_moment_keys(plan) -> list[tuple]:
+  """Where Adam's second moment lives: ``("leaf", i)`` for each leaf of a
+  diagonal family (shaped and split as the leaf), then ``(family, piece)``
+  for each piece of a preconditioned family (its blocks)."""
+  return [("leaf", i) for i, f in enumerate(plan.family_of_leaf)
+          if not plan.families[f].preconditioned] + [
+              (f, p) for f, fam in enumerate(plan.families)
+              if fam.preconditioned for p in range(len(fam.pieces))]
 
 
 def _second_moment_shapes(layout) -> list[tuple[int, ...]]:
@@ -203,14 +210,33 @@ def _second_moment_shapes(layout) -> list[tuple[int, ...]]:
   plan = layout.plan
   shapes = []
   for f, p in _second_moment_keys(plan):
-    fam = plan.families[f]
-    if p is None:
-      shapes.append((fam.units,) + fam.shape)
+    if f == "leaf":
+      shapes.append(plan.shapes[p])
       continue
     index, factor = plan.factors_of(f, p)[0]
     shapes.append(_sharding.layout_batch_shape(factor, layout.specs[index])
-                  + fam.pieces[p].block)
+                  + plan.families[f].pieces[p].block)
   return shapes
+
+
+def _second_moments(layout, nu):
+  """`SoapState.nu` by where it is used.
+
+  Returns a dict: ``(family, None)`` a stacked diagonal family (float32),
+  ``(family, piece)`` a piece's blocks; and the per-leaf moments as a list,
+  one per leaf (None for preconditioned leaves).
+  """
+  plan = layout.plan
+  keys = _second_moment_keys(plan)
+  per_leaf = [None] * len(plan.shapes)
+  for key, x in zip(keys, nu):
+    if key[0] == "leaf":
+      per_leaf[key[1]] = x
+  stacked = _stages.stacked_state(layout, per_leaf)
+  out = {(f, None): stacked[f] for f, fam in enumerate(plan.families)
+         if not fam.preconditioned}
+  out.update((key, x) for key, x in zip(keys, nu) if key[0] != "leaf")
+  return out, per_leaf
 
 
 def _permuted(layout, key, block, orders) -> jax.Array:
@@ -294,27 +320,29 @@ def _refresh(layout, stats, bases, nus, count, finite, precondition_every):
   return bases, nus, _stages.count_true(rejected + rejected_first), refreshed
 
 
-def _init(plan, leaves, options) -> SoapState:
+def _init(plan, leaves, treedef, options) -> SoapState:
   """The state of `scale_by_soap` for the leaves of ``plan``."""
   place = _stages.factor_placement(plan, leaves, options.shard_axes)
   nu = []
   for f, p in _second_moment_keys(plan):
-    if p is None:
-      nu.append(_stages.family_zeros(plan, leaves, jnp.float32)[f])
+    if f == "leaf":
+      nu.extend(_stages.leaf_zeros([leaves[p]], jnp.float32))
     else:
       index, factor = plan.factors_of(f, p)[0]
       nu.extend(place([jnp.zeros(factor.batch_shape
                                  + plan.families[f].pieces[p].block,
                                  jnp.float32)], [index]))
+  per_factor = functools.partial(_stages.per_factor, plan)
   return SoapState(
       count=jnp.zeros([], jnp.int32),
-      stats=place(jnp.zeros(f.shape, jnp.float32) for f in plan.factors),
-      bases=place(
+      stats=per_factor(place(jnp.zeros(f.shape, jnp.float32)
+                             for f in plan.factors)),
+      bases=per_factor(place(
           jnp.broadcast_to(jnp.eye(f.dim, dtype=options.basis_dtype),
                            f.batch_shape + (f.dim, f.dim))
-          for f in plan.factors),
-      mu=_stages.family_zeros(plan, leaves, jnp.float32),
-      nu=tuple(nu),
+          for f in plan.factors)),
+      mu=treedef.unflatten(_stages.leaf_zeros(leaves, jnp.float32)),
+      nu=per_factor(nu),
       diagnostics=SoapDiagnostics(
           basis_failures=jnp.zeros([], jnp.int32),
           last_refresh_step=jnp.full([], -1, jnp.int32),
@@ -326,7 +354,7 @@ def _init(plan, leaves, options) -> SoapState:
 def _check_state(layout, paths, leaves, state: SoapState) -> None:
   """Raises unless ``state`` was made for these updates and options."""
   _stages.check_layout("scale_by_soap", layout, state.stats)
-  _stages.check_families("scale_by_soap", layout.plan, paths, leaves,
+  _stages.check_per_leaf("scale_by_soap", layout, paths, leaves,
                          (state.mu,))
   got = [tuple(m.shape) for m in state.nu]
   expected = _second_moment_shapes(layout)
@@ -451,52 +479,52 @@ def scale_by_soap(
       max_precondition_dim=options.max_precondition_dim,
       cut_at_shards=cut_at_shards)
 
-  def init_fn(params):
-    plan, _, leaves, _ = plan_for(params)
-    return _init(plan, leaves, options)
-
   def update_core(leaves, state, floats, layout):
     floats = _Floats(*(jnp.asarray(x, jnp.float32) for x in floats))
     count = state.count
-    grads = _stages.gradients(layout, leaves, state.mu,
-                              options.skip_nonfinite)
+    mu_leaves = _stages.leaves_of(layout, state.mu)
+    old_mu = _stages.stacked_state(layout, mu_leaves)
+    grads = _stages.gradients(layout, leaves, old_mu, options.skip_nonfinite)
     finite = grads.finite
     stats = _stages.update_statistics(layout, grads.blocks, list(state.stats),
                                       finite, floats.shampoo_beta)
     bases = [b.astype(jnp.float32) for b in state.bases]
     mus = [grads.pin(_grafting.ema(old, g, floats.b1), f)
-           for f, (old, g) in enumerate(zip(state.mu, grads.stacked))]
-    directions, nus = _rotated_adam(
-        layout, grads, state.mu, mus,
-        dict(zip(_second_moment_keys(layout.plan), state.nu)), bases, count,
-        floats)
+           for f, (old, g) in enumerate(zip(old_mu, grads.stacked))]
+    old_nu, per_leaf_nu = _second_moments(layout, state.nu)
+    directions, nus = _rotated_adam(layout, grads, old_mu, mus, dict(old_nu),
+                                    bases, count, floats)
     # Step 0 only sets up the bases: preconditioned blocks keep M = 0.
     mus = [jnp.where(count == 0, old, m) if fam.preconditioned else m
-           for fam, old, m in zip(layout.plan.families, state.mu, mus)]
+           for fam, old, m in zip(layout.plan.families, old_mu, mus)]
     bases, nus, failures, refreshed = _refresh(
         layout, stats, bases, nus, count, finite, options.precondition_every)
     keep = functools.partial(_stages.kept_where, finite)
+    nus = dict(zip(old_nu, keep(nus.values(), old_nu.values())))
+    updates, (mu, diagonal_nu) = _stages.to_leaves(
+        layout, grads, count, [directions[f] for f in range(len(mus))],
+        leaves, (keep(mus, old_mu), mu_leaves),
+        ([nus.get((f, None)) for f in range(len(mus))], per_leaf_nu))
     diagnostics = state.diagnostics
-    return _stages.to_leaves(
-        layout, grads, [directions[f] for f in range(len(mus))], leaves,
-        count), SoapState(
-            count=jnp.where(finite, optax.safe_increment(count), count),
-            stats=tuple(stats),
-            bases=tuple(q.astype(old.dtype)
-                        for q, old in zip(bases, state.bases)),
-            mu=keep(mus, state.mu),
-            nu=keep([nus[k] for k in _second_moment_keys(layout.plan)],
-                    state.nu),
-            diagnostics=SoapDiagnostics(
-                basis_failures=diagnostics.basis_failures + failures,
-                last_refresh_step=jnp.where(refreshed, count,
-                                            diagnostics.last_refresh_step),
-                nonfinite_steps=diagnostics.nonfinite_steps
-                + (~finite).astype(jnp.int32)))
+    return updates, SoapState(
+        count=jnp.where(finite, optax.safe_increment(count), count),
+        stats=tuple(stats),
+        bases=tuple(q.astype(old.dtype) for q, old in zip(bases, state.bases)),
+        mu=_stages.tree_of(layout, mu),
+        nu=tuple(diagonal_nu[i] if f == "leaf" else nus[(f, i)]
+                 for f, i in _second_moment_keys(layout.plan)),
+        diagnostics=SoapDiagnostics(
+            basis_failures=diagnostics.basis_failures + failures,
+            last_refresh_step=jnp.where(refreshed, count,
+                                        diagnostics.last_refresh_step),
+            nonfinite_steps=diagnostics.nonfinite_steps
+            + (~finite).astype(jnp.int32)))
 
   update_fn = _stages.make_update(
       "scale_by_soap", SoapState, plan_for, _check_state, update_core,
       options.shard_axes, (b1, b2, eps, shampoo_beta))
+  init_fn = _stages.make_init(
+      plan_for, functools.partial(_init, options=options))
   return optax.GradientTransformation(init_fn, update_fn)
 
 

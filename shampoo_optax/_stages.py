@@ -17,20 +17,24 @@ A gradient's path through a preconditioner (Shampoo, SOAP, ...):
    device's rows (`_sharding.map_blocks`), a bounded batch at a time
    (`in_batches`).
 5. **preconditioned blocks -> families** (`multiplied`, `families_of`).
-6. **families -> leaves** (`to_leaves`): the directions, zero on a skipped
-   step, back in each leaf's shape and dtype.
+6. **families -> leaves** (`to_leaves`): the directions (zero on a skipped
+   step) and the per-leaf state back in each leaf's shape and dtype.
+
+Per-parameter state (momentum, accumulators) is stored per leaf, shaped and
+split as its parameter (`leaf_zeros`), and stacked like the gradients when
+used (`stacked_state`).
 
 Around them: the update shell (`make_update`: state check, splits, explicit
 sharding), the kept state of a skipped step (`kept_where`), counters
-(`count_true`), the init helpers (`factor_placement`, `family_zeros`,
-`check_layout`, `check_families`) and the optax alias with weight decay
+(`count_true`), the init helpers (`factor_placement`, `leaf_zeros`,
+`per_factor`, `check_layout`, `check_per_leaf`) and the optax alias with weight decay
 (`with_weight_decay`). A preconditioner module holds only its math and its
 transform, and calls these.
 """
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,18 +75,35 @@ def as_leaves(tree, what: str, transform: str):
   return [p for p, _ in with_paths], leaves, treedef
 
 
+def _is_axes(x) -> bool:
+  """A ``layer_axes`` entry: None, an int or a tuple of ints."""
+  return x is None or isinstance(x, (int, np.integer)) or (
+      isinstance(x, tuple) and all(isinstance(a, (int, np.integer))
+                                   for a in x))
+
+
 def resolve_layer_axes(layer_axes, tree, paths, leaves, treedef):
-  """``layer_axes`` as one sorted tuple of non-negative axes per leaf."""
+  """``layer_axes`` as one sorted tuple of non-negative axes per leaf.
+
+  ``layer_axes`` (or what it returns for ``tree``) is a prefix of ``tree``:
+  an entry applies to every leaf below it, so ``0`` stacks every leaf on
+  its first axis and ``{"layers": 0, "embed": None}`` a whole subtree. The
+  leaves optax masks out (``optax.masked``, ``optax.partition``) take
+  nothing.
+  """
   if layer_axes is None:
     return ((),) * len(leaves)
   spec = layer_axes(tree) if callable(layer_axes) else layer_axes
   try:
-    per_leaf = treedef.flatten_up_to(spec)
+    per_leaf = jax.tree.leaves(jax.tree.map(
+        lambda axes, sub: [axes] * len(jax.tree.leaves(sub)), spec, tree,
+        is_leaf=_is_axes), is_leaf=lambda x: isinstance(x, list))
+    per_leaf = [a for group in per_leaf for a in group]
   except (ValueError, TypeError) as e:
     raise ValueError(
-        "layer_axes must be None, a pytree with the structure of the params"
-        " whose leaves are an int, a tuple of ints or None, or a callable of"
-        f" the params returning one; got {spec!r} ({e}).") from None
+        "layer_axes must be None, an int, a tuple of ints, a pytree prefix"
+        " of the params with such entries, or a callable of the params"
+        f" returning one; got {spec!r} ({e}).") from None
   resolved = []
   for path, leaf, axes in zip(paths, leaves, per_leaf):
     axes = () if axes is None else (axes,) if isinstance(
@@ -122,6 +143,20 @@ def plan_of(tree, *, transform: str, layer_axes, block_size: int,
 # The update shell.
 
 
+def make_init(plan_for, build):
+  """A transform's ``init``: ``build(plan, leaves, treedef)`` for the params.
+
+  The state varies over the axes the parameters vary over (inside a
+  `jax.shard_map`, see `_sharding.vary_like`).
+  """
+
+  def init_fn(params):
+    plan, _, leaves, treedef = plan_for(params)
+    return _sharding.vary_like(build(plan, leaves, treedef), leaves)
+
+  return init_fn
+
+
 class Layout(NamedTuple):
   """The static plan, and the splits read when the update is traced.
 
@@ -130,11 +165,13 @@ class Layout(NamedTuple):
     specs: per factor, the split of its batch axes (`_sharding`).
     family_specs: per family, the split of its ``[units, *shape]`` arrays;
       ``None`` where the parameters' splits are not visible (``Auto`` axes).
+    treedef: the structure of the updates (and of per-leaf state).
   """
 
   plan: _blocks.Plan
   specs: list
   family_specs: list | None
+  treedef: jax.tree_util.PyTreeDef
 
 
 def make_update(transform: str, state_type, plan_for, check_state,
@@ -156,8 +193,10 @@ def make_update(transform: str, state_type, plan_for, check_state,
           f"{transform}: expected the {state_type.__name__} made by this"
           f" transformation's init, got {type(state).__name__}.")
     plan, paths, leaves, treedef = plan_for(updates)
+    if not leaves:  # Nothing to precondition (see `per_factor`).
+      return updates, state._replace(count=optax.safe_increment(state.count))
     layout = Layout(plan, *_sharding.update_specs(plan, state.stats, leaves,
-                                                  shard_axes))
+                                                  shard_axes), treedef)
     check_state(layout, paths, leaves, state)
     core = functools.partial(update_core, layout=layout)
     new_leaves, new_state = _sharding.in_auto_mode(core)(leaves, state, floats)
@@ -187,8 +226,9 @@ def gradients(layout: Layout, leaves, alike, skip_nonfinite: bool
               ) -> Gradients:
   """Stacks, checks and cuts the gradients (stages 1 and 2).
 
-  ``alike``: a per-family state (one ``[units, *shape]`` array per family)
-  whose split the stacked families follow where theirs is not visible.
+  ``alike``: a per-family array (one ``[units, *shape]`` per family, e.g.
+  the stacked momentum) whose split the stacked families follow where
+  theirs is not visible.
   """
   plan = layout.plan
   pin = _sharding.family_pins(layout.family_specs, alike)
@@ -210,24 +250,79 @@ def all_finite(stacked) -> jax.Array:
   return jnp.isfinite(jnp.sqrt(total))
 
 
-def to_leaves(layout: Layout, grads: Gradients, directions, leaves, count
-              ) -> list[jax.Array]:
-  """Per-family directions -> one update per leaf (zero on a skipped step).
+def to_leaves(layout: Layout, grads: Gradients, count, directions, leaves,
+              *states):
+  """Per-family arrays back to the parameters' leaves (stage 6).
 
+  Returns the updates, from one direction per family (zero on a skipped
+  step), in the shapes and dtypes of ``leaves``; and for each of
+  ``states``, a pair ``(families, like)`` of a per-leaf state (one array or
+  None per family; one array or None per leaf, whose shape and dtype the
+  result takes), its new list of leaves (``None`` when ``like`` is).
   ``count`` (any int32 computed at run time) hides the members' offsets
   from XLA (`_blocks.Plan.member_starts`).
   """
   plan = layout.plan
+  outputs = [([jnp.where(grads.finite, d, 0.0) for d in directions], leaves)]
+  outputs += [state for state in states if state[1] is not None]
   # The per-leaf work is only this: a slice of each family, cast. The
   # barrier makes XLA compute the families once instead of copying their
   # whole elementwise expression into every leaf's slice (compile time).
-  directions = jax.lax.optimization_barrier(
-      [grads.pin(jnp.where(grads.finite, d, 0.0), f)
-       for f, d in enumerate(directions)])
+  flat = iter(jax.lax.optimization_barrier(
+      [None if x is None else grads.pin(x, f) for families, _ in outputs
+       for f, x in enumerate(families)]))
   starts = plan.member_starts(count, _sharding.units_whole(
       layout.family_specs, len(plan.families)))
-  return [d.astype(g.dtype)
-          for d, g in zip(plan.unstack_tree(directions, starts), leaves)]
+  out = iter([None if x is None else x.astype(g.dtype) for x, g in zip(
+      plan.unstack_tree([next(flat) for _ in plan.families], starts), like)]
+             for _, like in outputs)
+  updates = next(out)
+  return updates, [None if like is None else next(out) for _, like in states]
+
+
+# ---------------------------------------------------------------------------
+# Per-leaf state: arrays shaped and split as the parameters.
+
+
+def leaf_zeros(leaves, dtype) -> list[jax.Array]:
+  """Zeros shaped and split as each leaf, in ``dtype`` (``None``: the leaf's).
+  """
+  return [_sharding.constrain(jnp.zeros(x.shape, dtype or x.dtype),
+                              _sharding.leaf_spec(x)) for x in leaves]
+
+
+def leaves_of(layout: Layout, tree) -> list[jax.Array] | None:
+  """A per-leaf state's leaves, in the updates' order (``None`` stays)."""
+  return None if tree is None else layout.treedef.flatten_up_to(tree)
+
+
+def tree_of(layout: Layout, leaves) -> Any:
+  """Inverse of `leaves_of`."""
+  return None if leaves is None else layout.treedef.unflatten(leaves)
+
+
+def stacked_state(layout: Layout, leaves) -> list[jax.Array] | None:
+  """Per-leaf arrays as one float32 ``[units, *shape]`` array per family.
+
+  ``None`` stays ``None``, and so does a family whose leaves are None.
+  """
+  if leaves is None:
+    return None
+  return [None if leaves[fam.members[0].leaf] is None else layout.plan.stack(
+      [x if x is None else x.astype(jnp.float32) for x in leaves], f)
+          for f, fam in enumerate(layout.plan.families)]
+
+
+def per_factor(plan, arrays):
+  """A per-factor field of the state: the tuple of ``arrays``.
+
+  A tree without leaves (e.g. optax's placeholder in ``tree_map_params``)
+  gets a zero-size array instead: a leaf, so that the state made for it is
+  a prefix of every state, as ``tree_map_params`` needs.
+  """
+  if not plan.shapes:
+    return jnp.zeros([0], jnp.float32)
+  return tuple(arrays)
 
 
 # ---------------------------------------------------------------------------
@@ -293,7 +388,7 @@ def families_of(layout: Layout, blocks) -> dict:
 def _gram(block: jax.Array, axis: int, nbatch: int) -> jax.Array:
   """Packed ``G_(axis) G_(axis)^T`` of every block ``[*batch, *block]``."""
   x = jnp.moveaxis(block, nbatch + axis, nbatch)
-  x = x.reshape(x.shape[:nbatch + 1] + (-1,))
+  x = x.reshape(x.shape[:nbatch + 1] + (math.prod(x.shape[nbatch + 1:]),))
   return _symmetric.packed_gram(x, precision=HIGHEST)
 
 
@@ -419,20 +514,6 @@ def factor_placement(plan, leaves, shard_axes):
   return place
 
 
-def family_zeros(plan, leaves, dtype) -> tuple[jax.Array, ...]:
-  """Zeros ``[units, *shape]`` per family, split like its leaves.
-
-  ``dtype`` ``None`` takes the dtype of the family's first leaf.
-  """
-  leaf_specs = [_sharding.leaf_spec(x) for x in leaves]
-  return tuple(
-      _sharding.constrain(
-          jnp.zeros((fam.units,) + fam.shape,
-                    dtype or leaves[fam.members[0].leaf].dtype),
-          _sharding.family_spec(plan, f, leaf_specs))
-      for f, fam in enumerate(plan.families))
-
-
 def check_layout(transform: str, layout: Layout, stats) -> None:
   """Raises unless the statistics have the shapes the plan and split need."""
   expected = [_sharding.layout_batch_shape(f, spec)
@@ -458,16 +539,24 @@ def check_layout(transform: str, layout: Layout, stats) -> None:
       " shampoo_optax.unpad_state and shampoo_optax.pad_state.")
 
 
-def check_families(transform: str, plan, paths, leaves, fields) -> None:
-  """Raises unless each per-family field (or None) stacks as the updates."""
-  families = [(fam.units,) + fam.shape for fam in plan.families]
+def check_per_leaf(transform: str, layout: Layout, paths, leaves,
+                   fields) -> None:
+  """Raises unless each per-leaf field (or None) is shaped as the updates."""
+  shapes = [tuple(x.shape) for x in leaves]
   for field in fields:
-    if field is not None and [tuple(x.shape) for x in field] != families:
+    if field is None:
+      continue
+    try:
+      got = [tuple(x.shape) for x in layout.treedef.flatten_up_to(field)]
+    except (ValueError, TypeError):
+      got = None
+    if got != shapes:
       raise ValueError(
           f"{transform}: the updates do not match the tree given to init:"
-          f" their units stack as {families}, the state's as"
-          f" {[tuple(x.shape) for x in field]}; leaves: "
-          f"{[(jax.tree_util.keystr(k), tuple(x.shape)) for k, x in zip(paths, leaves)]}.")
+          f" the state holds {jax.tree.map(lambda x: tuple(x.shape), field)},"
+          " the updates "
+          f"{[(jax.tree_util.keystr(k), s) for k, s in zip(paths, shapes)]}."
+          " Call init with these parameters.")
 
 
 # ---------------------------------------------------------------------------

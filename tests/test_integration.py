@@ -238,7 +238,8 @@ def test_partition_and_masked_recipes():
   # The masked Shampoo state holds only the masked-in leaves.
   inner = states[1][0].inner_state[0]
   masked_in = jax.tree.leaves(subtree(params, True))
-  assert sum(x.size for x in inner.graft) == sum(x.size for x in masked_in)
+  assert sum(x.size for x in jax.tree.leaves(inner.graft)) == sum(
+      x.size for x in masked_in)
 
 
 def test_apply_if_finite():

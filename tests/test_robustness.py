@@ -250,6 +250,23 @@ def test_empty_leaves():
     assert jax.tree.map(jnp.shape, u) == jax.tree.map(jnp.shape, tree)
 
 
+@pytest.mark.parametrize("make", [shampoo_optax.shampoo, shampoo_optax.soap])
+def test_stacked_leaf_with_zero_layers(make):
+  """A scanned kernel of zero layers ([0, 8, 8], layer axis 0) beside a
+  live leaf: an empty update, and the live leaf as without it."""
+  tx = make(1e-2, layer_axes={"w": 0, "v": None}, precondition_every=1)
+  alone = make(1e-2, precondition_every=1)
+  g_list = [grads_of({"w": (0, 8, 8), "v": (4, 8)}, s) for s in range(3)]
+  params = g_list[0]
+  outs, state = run(jax.jit(tx.update), tx.init(params), g_list, params)
+  ref, _ = run(jax.jit(alone.update), alone.init({"v": params["v"]}),
+               [{"v": g["v"]} for g in g_list], {"v": params["v"]})
+  for u, r in zip(outs, ref):
+    assert u["w"].shape == (0, 8, 8)
+    np.testing.assert_array_equal(u["v"], r["v"])
+  assert all_finite(state)
+
+
 def np_paper_update(g, block, p):
   """First update of plain Shampoo (sums, no grafting) on a blocked tensor."""
   out = np.zeros(g.shape)
@@ -295,8 +312,8 @@ def test_none_leaves_and_masked_nodes():
   assert u["none"] is None and u["nested"]["x"] is None
   assert isinstance(u["masked"], optax.MaskedNode)
   assert isinstance(u["nested"]["y"], optax.MaskedNode)
-  # The per-family state holds the live leaves only.
-  assert sum(x.size for x in state.graft) == sum(
+  # The per-leaf state holds the live leaves only.
+  assert sum(x.size for x in jax.tree.leaves(state.graft)) == sum(
       x.size for x in jax.tree.leaves(live))
   for k in SHAPES:
     np.testing.assert_array_equal(u[k], r[k])

@@ -11,6 +11,7 @@ import itertools
 import re
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -134,14 +135,10 @@ def test_explicit_sharding_types_stable_and_split(layout):
       assert shard_shapes(stack) == {local + stack.shape[len(split):]}
   for name, leaf in updates.items():
     assert leaf.sharding.spec == params[name].sharding.spec, name
-  # Grafting and momentum: one [units, *shape] array per family (b, layers,
-  # w1, w2), split like the family's parameter.
-  fsdp = layout == "fsdp"
-  expected = [(None, None), ("data" if fsdp else None, None, None),
-              (None, "data" if fsdp else None, None),
-              (None, "data" if fsdp else None, None)]
+  # Grafting and momentum: one array per leaf, split like the leaf.
   for tree in (shampoo_state.graft, shampoo_state.mu):
-    assert [tuple(jax.typeof(x).sharding.spec) for x in tree] == expected
+    for name, x in tree.items():
+      assert jax.typeof(x).sharding.spec == params[name].sharding.spec, name
 
 
 def test_no_mesh_is_single_device_and_missing_axes_are_named():
@@ -177,12 +174,11 @@ def test_pjit_way_with_state_shardings_in_a_chain():
   for i, split in enumerate(SPLIT_8):
     for sharding in (shampoo_sh.stats[i], shampoo_sh.preconditioners[i]):
       assert same(sharding, NamedSharding(mesh, P(*split)), len(split) + 2)
-  # Per-family state follows the parameters (layers, w1 and w2 split by
-  # rows), as the update does not pin it.
+  # Per-leaf state follows the parameters (layers, w1 and w2 split by
+  # rows).
   for tree in (shampoo_sh.mu, shampoo_sh.graft):
-    assert same(tree[1], NamedSharding(mesh, P("data")), 3)
-    assert same(tree[2], NamedSharding(mesh, P(None, "data")), 3)
-    assert same(tree[0], NamedSharding(mesh, P()), 2)
+    for name, sharding in tree.items():
+      assert same(sharding, param_sh[name], len(SHAPES[name])), name
   assert same(shampoo_sh.count, NamedSharding(mesh, P()), 0)
   # The same with shardings given as PartitionSpecs and abstract params.
   abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
@@ -375,10 +371,8 @@ def test_flax_training_under_three_usage_patterns(capsys):
     expected = P("data", None) if pattern == "fsdp" else P()
     assert same(kernel.sharding, NamedSharding(kernel.sharding.mesh,
                                                expected), 2), pattern
-    # Families: the 64-wide biases, then Dense_0's and Dense_1's kernels.
-    mu = state[0].mu[2]
-    assert same(mu.sharding, NamedSharding(kernel.sharding.mesh, P(
-        None, *kernel.sharding.spec)), 3), pattern
+    mu = state[0].mu["params"]["Dense_1"]["kernel"]
+    assert same(mu.sharding, kernel.sharding, 2), pattern
     # Dense_1's 8 x 8 blocks: a row of 8 blocks per device.
     for stack in state[0].stats[2:4] + state[0].preconditioners[2:4]:
       assert shard_shapes(stack) == {(1, 1, 8, 9, 4)}, pattern
@@ -589,3 +583,69 @@ def test_layouts_that_crashed_the_partitioner_match_one_device(
     ours, _ = run_updates(tx, [jax.sharding.reshard(g, spec) for g in grads])
   for u, e in zip(ours, expected):
     assert_close(np.asarray(u), np.asarray(e), rtol=2e-5)
+
+
+@pytest.mark.parametrize("transform", ["shampoo", "soap"])
+def test_fsdp_state_of_rank_3_and_4_kernels_follows_the_parameters(transform):
+  """Stacked attention kernels as ``nnx.MultiHeadAttention`` under
+  ``nnx.scan`` makes them, split over d_model (FSDP): the query kernel
+  [L, d, heads, head_dim] and the output kernel [L, heads, head_dim, d]
+  both merge to d x d units, one family, split on different axes. Every
+  state array is split like its parameter (or its blocks' factors): the
+  state per device is its total / 8."""
+  make = (shampoo_optax.scale_by_shampoo if transform == "shampoo"
+          else shampoo_optax.scale_by_soap)
+  shapes = {"query": ((4, 64, 4, 16), P(None, "data", None, None)),
+            "out": ((4, 4, 16, 64), P(None, None, None, "data")),
+            "mlp": ((4, 64, 256), P(None, "data", None)),
+            "scale": ((4, 64), P(None, "data"))}
+  tx = make(layer_axes=0, shard_axes="data")
+  mesh = mesh_of(8)
+  with jax.set_mesh(mesh):
+    params = {k: jax.sharding.reshard(jnp.ones(s), spec)
+              for k, (s, spec) in shapes.items()}
+    state = jax.jit(tx.init)(params)
+    per_leaf = [state.mu] + ([state.graft] if transform == "shampoo" else [])
+    for tree in per_leaf:
+      for name, x in tree.items():
+        assert jax.typeof(x).sharding.spec == shapes[name][1], name
+    report = shampoo_optax.state_report(tx, params, mesh)
+    assert report.per_device() <= 1.001 * report.total() / 8, str(report)
+    _, new_state = jax.jit(tx.update)(params, state, params)
+    assert jax.tree.map(jax.typeof, new_state) == jax.tree.map(jax.typeof,
+                                                               state)
+
+
+@pytest.mark.parametrize("transform,options", [
+    ("shampoo", {}), ("shampoo", {"refresh": "staggered"}),
+    ("shampoo", {"root_method": "newton"}), ("soap", {})])
+def test_inside_shard_map_each_device_runs_its_own_optimizer(transform,
+                                                             options):
+  """``jax.shard_map`` with its default ``check_vma=True``: init and update
+  inside, each device on its own shard; the same as the optimizer run on
+  each shard alone, and the state's types are stable."""
+  make = shampoo_optax.shampoo if transform == "shampoo" else (
+      shampoo_optax.soap)
+  tx = make(1e-2, block_size=8, precondition_every=2, **options)
+  params = {"w": 0.3 * jax.random.normal(jax.random.key(0), (8 * 16, 12)),
+            "b": jnp.ones(8 * 3)}
+  grads = [jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)), params)
+           for i in range(3)]
+
+  def run(params, *grads):
+    state = tx.init(params)
+    types = jax.tree.map(jax.typeof, state)
+    for g in grads:
+      updates, state = tx.update(g, state, params)
+      assert jax.tree.map(jax.typeof, state) == types
+    return updates
+
+  mesh = mesh_of(8, AxisType.Auto)
+  spec = {"w": P("data"), "b": P("data")}
+  ours = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 4,
+                               out_specs=spec))(params, *grads)
+  for d in range(8):
+    shard = lambda t, d=d: jax.tree.map(
+        lambda x: x.reshape((8, -1) + x.shape[1:])[d], t)
+    expected = jax.jit(run)(shard(params), *map(shard, grads))
+    assert_close(shard(ours), expected, rtol=1e-5)

@@ -24,7 +24,7 @@ def layout_of(tree, block_size=4, layer_axes=None):
       tree, transform="test", layer_axes=layer_axes, block_size=block_size,
       max_precondition_dim=4096)
   specs = [(None,) * len(f.batch_shape) for f in plan.factors]
-  return _stages.Layout(plan, specs, None), leaves, paths, treedef
+  return _stages.Layout(plan, specs, None, treedef), leaves, paths, treedef
 
 
 def random_leaves(leaves, seed=0):
@@ -141,22 +141,42 @@ def test_to_leaves_restores_shapes_dtypes_and_zeroes_a_skipped_step():
   layout, leaves, _, _ = layout_of(tree, layer_axes={"a": None, "b": 0})
   leaves = [x.astype(t.dtype) for x, t in zip(random_leaves(leaves),
                                               jax.tree.leaves(tree))]
+  state = _stages.leaf_zeros(leaves, jnp.float32)
   for finite in (True, False):
     grads = _stages.gradients(layout, leaves, None, True)._replace(
         finite=jnp.array(finite))
-    out = _stages.to_leaves(layout, grads, grads.stacked, leaves,
-                            jnp.zeros([], jnp.int32))
-    for x, y in zip(out, leaves):
+    twice = [2 * x for x in grads.stacked]
+    out, (new_state, none) = _stages.to_leaves(
+        layout, grads, jnp.zeros([], jnp.int32), grads.stacked, leaves,
+        (twice, state), (twice, None))
+    assert none is None
+    for x, y, s in zip(out, leaves, new_state):
       assert x.shape == y.shape and x.dtype == y.dtype
       np.testing.assert_array_equal(x, y if finite else jnp.zeros_like(y))
+      assert s.dtype == jnp.float32
+      np.testing.assert_array_equal(s, 2 * y.astype(jnp.float32))
+    # And back: the per-leaf state stacks as the gradients do.
+    for a, b in zip(_stages.stacked_state(layout, new_state), twice):
+      np.testing.assert_array_equal(a, b)
 
 
-def test_check_families_and_layout_name_the_mismatch():
+def test_per_factor_fields_of_a_tree_without_leaves_are_a_leaf():
+  """So that `optax.tree.map_params` (whose init sees an empty placeholder)
+  finds a prefix of the real state."""
+  layout, _, _, _ = layout_of({})
+  assert _stages.per_factor(layout.plan, ()).shape == (0,)
+  layout, _, _, _ = layout_of(TREE)
+  assert _stages.per_factor(layout.plan, [1, 2]) == (1, 2)
+
+
+def test_check_per_leaf_and_layout_name_the_mismatch():
   layout, leaves, paths, _ = layout_of({"w": np.zeros((10, 7), np.float32)})
   other, _, _, _ = layout_of({"w": np.zeros((12, 7), np.float32)})
   with pytest.raises(ValueError, match=r"updates do not match.*\['w'\]"):
-    _stages.check_families("t", layout.plan, paths, leaves,
-                           [_stages.family_zeros(other.plan, leaves, None)])
+    _stages.check_per_leaf("t", layout, paths, leaves,
+                           [{"w": jnp.zeros((12, 7))}])
+  with pytest.raises(ValueError, match="updates do not match"):
+    _stages.check_per_leaf("t", layout, paths, leaves, [{"v": jnp.zeros(1)}])
   stats = [jnp.zeros(f.shape) for f in other.plan.factors]
   with pytest.raises(ValueError, match="statistics have shapes"):
     _stages.check_layout("t", layout, stats)

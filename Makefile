@@ -20,10 +20,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # with OpenBLAS threads competing with XLA's own (README: tuning on CPU).
 export OPENBLAS_NUM_THREADS ?= 1
 
+# pytest-xdist workers per run: most tests are bound by one compile thread,
+# so two workers use CI's two cores.
+PYTEST_WORKERS ?= 2
+
 # Runs pytest (args: env prefix, -m expression, log file); exit code 5
 # (no tests collected) counts as success.
 define run_pytest
-	rc=0; $(1) $(VPY) -m pytest tests -q -m "$(2)" 2>&1 | tee $(3); rc=$${PIPESTATUS[0]}; \
+	rc=0; $(1) $(VPY) -m pytest tests -q -n $(PYTEST_WORKERS) -m "$(2)" 2>&1 | tee $(3); rc=$${PIPESTATUS[0]}; \
 	if [ $$rc -eq 5 ]; then echo "(no tests selected by -m \"$(2)\")"; rc=0; fi; \
 	exit $$rc
 endef

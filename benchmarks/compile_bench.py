@@ -106,7 +106,7 @@ def _setup(name: str, num_layers: int, width: int, options: dict,
   params, loss_fn, batch = (scanned_mlp if scanned else mlp)(num_layers, width)
   if name == "reference":  # Configured like shampoo's defaults, as in run.
     options = {**run_lib.shampoo_defaults(), **options}
-  if name == "shampoo" and scanned:
+  if name in ("shampoo", "soap") and scanned:
     options = {**options, "layer_axes": {"kernel": 0, "bias": 0}}
   opt = run_lib.make_optimizer(name, 1e-3, 0.0, options)
   state = opt.init(params)
@@ -261,7 +261,7 @@ def main(argv=None):
   if "adamw" not in names:
     names.insert(0, "adamw")  # The baseline of the ratios.
   shampoo_options = json.loads(args.shampoo_options)
-  options = {"adamw": {}, "shampoo": shampoo_options,
+  options = {"adamw": {}, "shampoo": shampoo_options, "soap": {},
              "reference": json.loads(args.reference_options)
              or dict(shampoo_options)}
 

@@ -2,6 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Distributed Shampoo for optax."""
 
+from shampoo_optax._masks import hidden_matrices
 from shampoo_optax._placement import abstract_state
 from shampoo_optax._placement import pad_state
 from shampoo_optax._placement import state_shardings
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = (
     "abstract_state",
     "default_root_method",
+    "hidden_matrices",
     "inverse_pth_root",
     "InverseRootResult",
     "pad_state",

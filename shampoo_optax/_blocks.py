@@ -358,6 +358,7 @@ def make_plan(
     max_precondition_dim: int,
     exponent_override: int | None = None,
     shards: tuple[Shape, ...] | None = None,
+    preconditioned: tuple[bool, ...] | None = None,
 ) -> Plan:
   """Builds the static plan for leaves of the given shapes.
 
@@ -374,6 +375,8 @@ def make_plan(
       blocks of ``block_size`` would straddle is cut into ``k`` spans, each
       blocked on its own: e.g. 768 rows in 8 shards, block 128, become 8
       blocks of 96 (not 6 of 128).
+    preconditioned: for every leaf, whether it may get matrices (``False``:
+      diagonal whatever its shape); ``None``: every leaf may.
 
   Returns:
     The `Plan`.
@@ -386,7 +389,8 @@ def make_plan(
     merged, groups = merge_dims(unit_shape, merge_limit)
     merged_from = tuple(tuple(unit_axes[a] for a in g) for g in groups)
     diagonal = (len(merged) < 2 or math.prod(merged) == 0
-                or max(merged) > max_precondition_dim)
+                or max(merged) > max_precondition_dim
+                or (preconditioned is not None and not preconditioned[leaf]))
     if diagonal:
       key = ("diagonal", unit_shape, None)
     else:

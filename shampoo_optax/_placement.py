@@ -9,11 +9,16 @@ without their padding, so that what is saved does not depend on the mesh
 """
 
 import contextlib
+import functools
+import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
+from jax.sharding import SingleDeviceSharding
 
 from shampoo_optax import _sharding
 
@@ -27,6 +32,26 @@ def _param_sharding(leaf, mesh) -> NamedSharding:
   if isinstance(sharding, NamedSharding):
     return NamedSharding(mesh, sharding.spec)
   return NamedSharding(mesh, PartitionSpec())
+
+
+def _default_device() -> jax.Device:
+  """The device JAX puts an array on when nothing says where.
+
+  ``jax.config.jax_default_device`` (a device or a platform name, also set
+  by ``jax.default_device``), else this process's first device.
+  """
+  device = jax.config.jax_default_device
+  if isinstance(device, str):
+    return jax.local_devices(backend=device)[0]
+  return device if device is not None else jax.local_devices()[0]
+
+
+def _on_default_device(tree):
+  """``tree`` (of arrays or shapes) as ShapeDtypeStructs on one device."""
+  sharding = SingleDeviceSharding(_default_device())
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      tree)
 
 
 def state_shardings(tx, params, mesh, param_shardings=None):
@@ -63,8 +88,13 @@ def state_shardings(tx, params, mesh, param_shardings=None):
 
   Returns:
     A pytree of `NamedSharding` with the structure of ``tx.init(params)``
-    (``None`` fields stay ``None``).
+    (``None`` fields stay ``None``); with ``mesh=None``, of the default
+    device's `SingleDeviceSharding` (``jax.config.jax_default_device`` if
+    set, else the first device).
   """
+  if mesh is None:
+    return jax.tree.map(lambda x: x.sharding,
+                        _on_default_device(jax.eval_shape(tx.init, params)))
   return _traced_init(tx, params, mesh, param_shardings)[1]
 
 
@@ -77,13 +107,16 @@ def abstract_state(tx, params, mesh=None, param_shardings=None, *,
   a strict Orbax restore onto ``mesh`` (then `pad_state`), whatever the mesh
   the checkpoint was written on. Its factors that are padded rows in memory
   are split along their last axis the mesh axes divide, if any, so that
-  saving and restoring do not gather them. Without a mesh it is
-  ``jax.eval_shape(tx.init, params)``.
+  saving and restoring do not gather them. Without a mesh both layouts are
+  ``jax.eval_shape(tx.init, params)`` on the default device
+  (``jax.config.jax_default_device`` if set, else the first device): a
+  restore onto them lands on that device, whatever mesh the checkpoint was
+  written from.
 
   Args:
     tx: an ``optax.GradientTransformation``.
     params: the parameters, as arrays or `jax.ShapeDtypeStruct`s.
-    mesh: a `jax.sharding.Mesh`, or ``None``.
+    mesh: a `jax.sharding.Mesh`, or ``None`` for one device.
     param_shardings: as for `state_shardings`.
     padded: the layout in memory (``True``) or the checkpoint layout.
 
@@ -91,20 +124,37 @@ def abstract_state(tx, params, mesh=None, param_shardings=None, *,
     A pytree of `jax.ShapeDtypeStruct` with the structure of
     ``tx.init(params)``.
   """
-  with contextlib.nullcontext() if padded else _sharding.tracing("unpadded"):
-    if mesh is None:
-      return jax.eval_shape(tx.init, params)
-    shapes, shardings = _traced_init(tx, params, mesh, param_shardings)
-  if not padded:
-    in_memory, memory_shardings = _traced_init(tx, params, mesh,
-                                               param_shardings)
-    shardings = jax.tree.map(
-        lambda x, s, m, ms: s if x.shape == m.shape else NamedSharding(
-            mesh, _split_last_divisible(x.shape, ms.spec[0], mesh)),
-        shapes, shardings, in_memory, memory_shardings)
-  return jax.tree.map(
+  if mesh is None:
+    layout = (contextlib.nullcontext() if padded
+              else _sharding.tracing("unpadded"))
+    with layout:
+      return _on_default_device(jax.eval_shape(tx.init, params))
+  in_memory, saved = _layouts(tx, params, mesh, param_shardings,
+                              saved=not padded)
+  return in_memory if padded else saved
+
+
+def _layouts(tx, params, mesh, param_shardings, saved: bool = True):
+  """`abstract_state` on ``mesh`` in memory and (if ``saved``) saved.
+
+  The checkpoint layout's shardings come from the one in memory, so asking
+  for both traces ``tx.init`` twice, not three times.
+  """
+  structs = lambda shapes, shardings: jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       shapes, shardings)
+  in_memory, memory_shardings = _traced_init(tx, params, mesh,
+                                             param_shardings)
+  if not saved:
+    return structs(in_memory, memory_shardings), None
+  with _sharding.tracing("unpadded"):
+    shapes, shardings = _traced_init(tx, params, mesh, param_shardings)
+  shardings = jax.tree.map(
+      lambda x, s, m, ms: s if x.shape == m.shape else NamedSharding(
+          mesh, _split_last_divisible(x.shape, ms.spec[0], mesh)),
+      shapes, shardings, in_memory, memory_shardings)
+  return (structs(in_memory, memory_shardings),
+          structs(shapes, shardings))
 
 
 def _split_last_divisible(shape, entry: _sharding.AxisEntry,
@@ -117,17 +167,26 @@ def _split_last_divisible(shape, entry: _sharding.AxisEntry,
   return PartitionSpec()
 
 
-def _conform(x: jax.Array, shape) -> jax.Array:
-  """``x`` moved between a factor's own layout and its padded rows."""
+def _conform(x, shape, xp=jnp):
+  """``x`` moved between a factor's own layout and its padded rows.
+
+  ``xp`` is `jax.numpy`, or `numpy` for an array on the host.
+  """
   if tuple(x.shape) == tuple(shape):
     return x
-  if x.ndim > len(shape):  # Into rows ``[rows, *rest]``.
-    return _sharding.to_layout(x, x.shape[:x.ndim - len(shape) + 1], shape[:1])
-  return _sharding.from_layout(x, shape[:len(shape) - x.ndim + 1], x.shape[:1])
+  if x.ndim > len(shape):  # Into rows ``[rows, *rest]``, then padding rows.
+    rows = x.reshape((-1,) + tuple(shape[1:]))
+    # They hold what init puts there: -1 in the int32 steps
+    # (``refreshed_at``: never), zeros in the floating factors.
+    fill = -1 if xp.issubdtype(x.dtype, xp.integer) else 0
+    return xp.pad(rows, [(0, shape[0] - rows.shape[0])]
+                  + [(0, 0)] * (rows.ndim - 1), constant_values=fill)
+  batch = shape[:len(shape) - x.ndim + 1]
+  return x[:math.prod(batch)].reshape(shape)
 
 
-def _relaid(state, target, source, mesh, what: str):
-  """``state`` (whose shapes must be ``source``'s) in ``target``'s layout."""
+def _check(state, source, what: str):
+  """Raises unless ``state`` has the shapes of ``source``."""
   paths = jax.tree_util.tree_flatten_with_path(state)[0]
   flat_source = jax.tree.leaves(source)
   if len(paths) != len(flat_source):
@@ -143,25 +202,55 @@ def _relaid(state, target, source, mesh, what: str):
           " with other options, for other parameters, (unpad_state) for"
           " another mesh, or (pad_state) with cut_at_shards for parameters"
           " split into other shard counts.")
-  shapes = [t.shape for t in jax.tree.leaves(target)]
-  treedef = jax.tree.structure(state)
 
-  def relay(state):
-    return jax.tree.unflatten(treedef, [
-        _conform(x, shape) for x, shape in zip(jax.tree.leaves(state), shapes)])
 
+@functools.lru_cache(maxsize=256)
+def _relayout(shape, sharding):
+  """A jitted move of one array into ``shape``, split as ``sharding``.
+
+  Cached (and jit caches by input type), so a checkpoint compiles it once
+  per distinct factor, not on every save and restore.
+  """
+  return jax.jit(lambda x: _conform(x, shape), out_shardings=sharding)
+
+
+def _relaid(state, target, mesh):
+  """``state`` in ``target``'s shapes and shardings.
+
+  Only the arrays whose shape changes are computed on, the others are at
+  most moved. When this process holds the whole of such an array, it is
+  reshaped on the host: a copy costs less than compiling a program for it
+  (which a run's first checkpoint would pay once per factor shape).
+  """
+  leaves = jax.tree.leaves(state)
+  targets = jax.tree.leaves(target)
   if mesh is None:
-    return jax.jit(relay)(state)
-  # On Auto axes: a slice or pad of a split axis is not even, which explicit
-  # sharding rejects; the partitioner moves the rows instead.
+    # Onto the one device first: a restore may have put the state elsewhere.
+    leaves = jax.device_put(leaves, [t.sharding for t in targets])
+  out = list(leaves)
+  for i, (x, t) in enumerate(zip(leaves, targets)):
+    if tuple(x.shape) == tuple(t.shape):
+      continue
+    if getattr(x, "is_fully_addressable", True) and (
+        t.sharding.is_fully_addressable):
+      host = _conform(np.asarray(x), t.shape, np)
+      out[i] = jax.make_array_from_callback(t.shape, t.sharding,
+                                            lambda index, h=host: h[index])
+    else:
+      out[i] = _relaid_on_devices(x, t, mesh)
+  out = jax.device_put(out, [t.sharding for t in targets])
+  return jax.tree.unflatten(jax.tree.structure(state), out)
+
+
+def _relaid_on_devices(x, target, mesh):
+  """`_conform` of ``x`` into ``target`` by a compiled (cached) program."""
+  # On Auto axes: a slice or pad of a split axis is not even, which
+  # explicit sharding rejects; the partitioner moves the rows instead.
   auto_mesh = _all_axes(mesh, AxisType.Auto)
   auto = lambda s: NamedSharding(auto_mesh, s.spec)
-  as_auto = lambda x: jax.device_put(x, auto(x.sharding)) if isinstance(
-      getattr(x, "sharding", None), NamedSharding) else x
   with jax.set_mesh(auto_mesh):
-    out = jax.jit(relay, out_shardings=jax.tree.map(
-        lambda t: auto(t.sharding), target))(jax.tree.map(as_auto, state))
-  return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), out, target)
+    return _relayout(tuple(target.shape), auto(target.sharding))(
+        jax.device_put(x, auto(x.sharding)))
 
 
 def _all_axes(mesh, axis_type: AxisType):
@@ -192,9 +281,12 @@ def unpad_state(tx, params, state):
   mesh = next((x.sharding.mesh for x in jax.tree.leaves(state)
                if isinstance(getattr(x, "sharding", None), NamedSharding)),
               None)
-  return _relaid(
-      state, abstract_state(tx, params, mesh, padded=False),
-      abstract_state(tx, params, mesh), mesh, "unpad_state")
+  if mesh is None:  # One device: nothing is padded, nothing moves.
+    _check(state, abstract_state(tx, params), "unpad_state")
+    return state
+  in_memory, saved = _layouts(tx, params, mesh, None)
+  _check(state, in_memory, "unpad_state")
+  return _relaid(state, saved, mesh)
 
 
 def pad_state(tx, params, state, mesh=None, param_shardings=None):
@@ -210,12 +302,16 @@ def pad_state(tx, params, state, mesh=None, param_shardings=None):
 
   Returns:
     The state with the shapes and shardings of ``abstract_state(tx, params,
-    mesh, param_shardings)``, ready for the train step.
+    mesh, param_shardings)``, ready for the train step: without a mesh, on
+    the default device.
   """
-  return _relaid(
-      state, abstract_state(tx, params, mesh, param_shardings),
-      abstract_state(tx, params, mesh, param_shardings, padded=False), mesh,
-      "pad_state")
+  if mesh is None:
+    in_memory = abstract_state(tx, params)
+    saved = abstract_state(tx, params, padded=False)
+  else:
+    in_memory, saved = _layouts(tx, params, mesh, param_shardings)
+  _check(state, saved, "pad_state")
+  return _relaid(state, in_memory, mesh)
 
 
 def _traced_init(tx, params, mesh, param_shardings):

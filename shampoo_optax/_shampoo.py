@@ -35,6 +35,7 @@ import optax
 
 from shampoo_optax import _grafting
 from shampoo_optax import _options
+from shampoo_optax import _refresh
 from shampoo_optax import _roots
 from shampoo_optax import _sharding
 from shampoo_optax import _stages
@@ -76,13 +77,12 @@ class ShampooState(NamedTuple):
       ``preconditioner_dtype``.
     refreshed_at: one int32 array ``[n, *grid]`` (or ``[rows]``) per factor:
       the step (0-based) at which each root was last accepted, -1 for
-      never.
-    graft: float32 accumulators of the grafted optimizer, one
-      ``[units, *shape]`` array per family (the parameters' units stacked
-      as the gradients are, see `shampoo_optax._blocks`), or ``None`` for
-      ``"sgd"``/``"none"`` grafting.
-    mu: momentum, one ``[units, *shape]`` array per family in ``mu_dtype``,
-      or ``None`` when ``b1 == 0``.
+      never (and on padding rows).
+    graft: float32 accumulators of the grafted optimizer in the
+      parameters' tree, each shaped and split like its parameter, or
+      ``None`` for ``"sgd"``/``"none"`` grafting.
+    mu: momentum in the parameters' tree, each shaped and split like its
+      parameter, in ``mu_dtype``; ``None`` when ``b1 == 0``.
     diagnostics: `ShampooDiagnostics`.
   """
 
@@ -116,6 +116,7 @@ STATIC_OPTIONS = (
     "skip_nonfinite",
     "shard_axes",
     "layer_axes",
+    "precondition",
     "mu_dtype",
     "preconditioner_dtype",
     "cut_at_shards",
@@ -151,6 +152,7 @@ class _Options(NamedTuple):
   skip_nonfinite: bool
   shard_axes: Any
   layer_axes: Any
+  precondition: Any
   mu_dtype: Any
   preconditioner_dtype: Any
   cut_at_shards: bool
@@ -196,17 +198,6 @@ def _checked(b1, b2, matrix_eps, graft_eps, graft_b2, max_root_error,
 # Shampoo's stages.
 
 
-def _share(rows: int, phase, num_phases: int):
-  """``(start, size)``: share ``phase`` of ``rows`` cut into ``num_phases``.
-
-  The shares are contiguous and of equal size (the last one overlaps its
-  neighbour rather than being short), so that every row falls in at least
-  one share and every share costs the same.
-  """
-  size = -(-rows // num_phases)
-  return jnp.minimum(phase * size, rows - size), size
-
-
 def _packed_roots(packed: jax.Array, *, dim: int, p: int, method: str,
                   ridge_epsilon) -> tuple[jax.Array, jax.Array]:
   """Packed inverse roots of packed ``[m, *packed]`` matrices, and errors."""
@@ -242,13 +233,12 @@ def _refresh_roots(layout, stats, roots, refreshed_at, phases, count, floats,
                    *, num_phases, root_method):
   """Recomputes the roots of phases ``[lo, hi)`` of every device's rows.
 
-  Every factor's rows (on each device, its own) are cut into ``num_phases``
-  equal shares (`_share`); phase ``k`` recomputes share ``k`` of every
-  factor, so each phase costs about ``1 / num_phases`` of a full refresh
-  (a ``d x d`` root costs about ``d^3``, and every size is split alike).
-  The shares of all factors with the same ``(d, p)`` form one batched root
-  call. A root that is not finite or whose error exceeds ``max_root_error``
-  is rejected and the previous one kept.
+  Each device's rows of all factors are scheduled by `_refresh.schedule`:
+  every root is recomputed in exactly one of the ``num_phases`` phases, and
+  the phases cost about the same (a ``d x d`` root costs about ``d^3``).
+  The rows of one phase with the same ``(d, p)`` form one batched root call.
+  A root that is not finite or whose error exceeds ``max_root_error`` is
+  rejected and the previous one kept.
 
   Padding rows (`_sharding.valid_rows`) keep their zeros and report
   nothing.
@@ -258,61 +248,58 @@ def _refresh_roots(layout, stats, roots, refreshed_at, phases, count, floats,
     computed in this call (0 where none was) and whether it was rejected.
   """
   plan, specs = layout.plan, layout.specs
-  buckets = {}
-  for index, factor in enumerate(plan.factors):
-    buckets.setdefault((factor.dim, factor.exponent), []).append(index)
   nbatch = [len(s) for s in specs]
 
   def body(arrays, replicated):
     (lo, hi), count, eps, max_error = replicated
     root_shapes, batch_shapes = (
         [x.shape for x in xs] for xs in arrays[1:3])
-    # Flat [rows, ...] views of this device's blocks: rows are what shares cut.
+    # Flat [rows, ...] views of this device's blocks: rows are scheduled.
     stats, roots, refreshed_at, valid = (
         [_stages.rows(x, n) for x, n in zip(xs, nbatch)] for xs in arrays)
-    take = jax.lax.dynamic_slice_in_dim
-    put = lambda x, rows, start: jax.lax.dynamic_update_slice_in_dim(
-        x, rows, start, 0)
+    buckets = _refresh.schedule([(f.dim, f.exponent) for f in plan.factors],
+                                [x.shape[0] for x in stats], num_phases)
 
     def phase(k, carry):
-      roots, refreshed_at, errors, rejected = map(list, carry)
-      for (dim, p), members in buckets.items():
-        shares = [_share(stats[i].shape[0], k, num_phases) for i in members]
-        candidates = jnp.concatenate(
-            [take(stats[i], *share) for i, share in zip(members, shares)])
-        # With one phase the candidates do not depend on k, and XLA would
-        # hoist the roots out of the loop, computing them on every step,
-        # whatever the trip count. A cond on k (true inside the loop) keeps
-        # them in.
-        new_roots, error = jax.lax.cond(
-            k < hi,
-            functools.partial(_packed_roots, dim=dim, p=p,
-                              method=root_method, ridge_epsilon=eps),
-            lambda c: (jnp.zeros_like(c),
-                       jnp.full_like(c[:, 0, 0], jnp.inf)),
-            candidates)
-        ok = jnp.isfinite(error) & (error <= max_error)
-        offset = 0
-        for i, (start, size) in zip(members, shares):
-          part = slice(offset, offset + size)
-          offset += size
-          own = take(valid[i], start, size)
-          accepted = ok[part] & own
-          old = take(roots[i], start, size)
-          roots[i] = put(roots[i], jnp.where(
-              accepted.reshape((size,) + (1,) * (old.ndim - 1)),
-              new_roots[part].astype(old.dtype), old), start)
-          refreshed_at[i] = put(refreshed_at[i], jnp.where(
-              accepted, count, take(refreshed_at[i], start, size)), start)
-          errors[i] = put(errors[i], jnp.where(own, error[part], 0.0), start)
-          rejected[i] = put(rejected[i], own & ~ok[part], start)
-      return roots, refreshed_at, errors, rejected
+      carry = tuple(map(list, carry))
+      for bucket in buckets:
+        for slot in bucket.slots:
+          take = lambda xs, slot=slot, bucket=bucket: _refresh.gather(
+              bucket, slot, [xs[i] for i in bucket.members], k)[0]
+          candidates, chunk = _refresh.gather(
+              bucket, slot, [stats[i] for i in bucket.members], k)
+          # A cond on k: XLA would otherwise hoist roots that do not depend
+          # on the loop out of it, computing them whatever the trip count.
+          new_roots, error = jax.lax.cond(
+              chunk & (k < hi),
+              functools.partial(_packed_roots, dim=bucket.key[0],
+                                p=bucket.key[1], method=root_method,
+                                ridge_epsilon=eps),
+              lambda c: (jnp.zeros_like(c),
+                         jnp.full_like(c[:, 0, 0], jnp.inf)),
+              candidates)
+          own = take(valid) & chunk
+          ok = jnp.isfinite(error) & (error <= max_error)
+          accepted = ok & own
+          old = [take(x) for x in carry]
+          new = (jnp.where(accepted[:, None, None],
+                           new_roots.astype(old[0].dtype), old[0]),
+                 jnp.where(accepted, count, old[1]),
+                 jnp.where(own, error, old[2]),
+                 jnp.where(own, ~ok, old[3]))
+          for xs, values in zip(carry, new):
+            updated = _refresh.scatter(
+                bucket, slot, [xs[i] for i in bucket.members], values, k)
+            for i, x in zip(bucket.members, updated):
+              xs[i] = x
+      return carry
 
     per_row = lambda dtype: [jnp.zeros_like(x, dtype) for x in refreshed_at]
     out = jax.lax.fori_loop(lo, hi, phase, (
         roots, refreshed_at, per_row(jnp.float32), per_row(jnp.bool_)))
+    out_shapes = (root_shapes,) + (batch_shapes,) * 3
     return tuple([x.reshape(shape) for x, shape in zip(xs, shapes)]
-                 for xs, shapes in zip(out, (root_shapes,) + (batch_shapes,) * 3))
+                 for xs, shapes in zip(out, out_shapes))
 
   valid = [_sharding.valid_rows(f, x.shape)
            for f, x in zip(plan.factors, refreshed_at)]
@@ -403,8 +390,8 @@ def _init(plan, leaves, treedef, options: _Options) -> ShampooState:
                              for f in plan.factors)),
       preconditioners=per_factor(place(jnp.broadcast_to(eye(f), f.shape)
                                        for f in plan.factors)),
-      refreshed_at=per_factor(place(jnp.full(f.batch_shape, -1, jnp.int32)
-                                    for f in plan.factors)),
+      refreshed_at=per_factor(place((jnp.full(f.batch_shape, -1, jnp.int32)
+                                     for f in plan.factors), fill=-1)),
       graft=treedef.unflatten(_stages.leaf_zeros(leaves, jnp.float32))
       if _grafting.has_accumulator(options.graft) else None,
       mu=treedef.unflatten(_stages.leaf_zeros(leaves, options.mu_dtype))
@@ -437,6 +424,9 @@ def _check_state(layout, paths, leaves, state: ShampooState,
           " this transformation.")
   _stages.check_per_leaf("scale_by_shampoo", layout, paths, leaves,
                          (state.graft, state.mu))
+  _stages.check_dtypes("scale_by_shampoo", (
+      ("preconditioner_dtype", options.preconditioner_dtype,
+       state.preconditioners), ("mu_dtype", options.mu_dtype, state.mu)))
   _stages.check_layout("scale_by_shampoo", layout, state.stats)
 
 
@@ -464,6 +454,7 @@ def scale_by_shampoo(
     skip_nonfinite: bool = True,
     shard_axes: _sharding.ShardAxes = None,
     layer_axes: Any = None,
+    precondition: Any = None,
     mu_dtype: Any = None,
     preconditioner_dtype: Any = jnp.float32,
     cut_at_shards: bool = False,
@@ -533,6 +524,11 @@ def scale_by_shampoo(
       pytree like the params of ``int`` / ``tuple[int, ...]`` / ``None``, or
       a callable of the params returning one. Each slice is preconditioned
       exactly as if it were a leaf of its own.
+    precondition: which leaves may get matrices, like an optax mask: ``None``
+      (every leaf whose shape allows), a bool, a pytree prefix of the params
+      of bools, or a callable of the params returning one. The others get
+      the grafted optimizer alone (e.g. embeddings and the output head on
+      Adam, ``precondition=shampoo_optax.hidden_matrices()``).
     mu_dtype: dtype of the momentum; ``None`` uses the parameters' dtype.
     preconditioner_dtype: storage dtype of the inverse roots (e.g.
       ``jnp.bfloat16`` halves them); the statistics are always float32.
@@ -551,6 +547,7 @@ def scale_by_shampoo(
   floats = options.floats
   plan_for = functools.partial(
       _stages.plan_of, transform="scale_by_shampoo", layer_axes=layer_axes,
+      precondition=precondition,
       block_size=options.block_size,
       max_precondition_dim=options.max_precondition_dim,
       exponent_override=options.exponent_override,
@@ -641,9 +638,10 @@ def shampoo(
     skip_nonfinite: bool = True,
     shard_axes: _sharding.ShardAxes = None,
     layer_axes: Any = None,
+    precondition: Any = None,
     mu_dtype: Any = None,
     preconditioner_dtype: Any = jnp.float32,
-    weight_decay: float = 0.0,
+    weight_decay: float = 1e-4,
     mask: Any = None,
     cut_at_shards: bool = False,
 ) -> optax.GradientTransformation:
@@ -664,9 +662,11 @@ def shampoo(
       precondition_every, statistics_every, start_preconditioning_step,
       refresh, root_method, exponent_override, nesterov, heavy_ball,
       max_precondition_dim, max_root_error, skip_nonfinite, shard_axes,
-      layer_axes, mu_dtype, preconditioner_dtype, cut_at_shards: see
-      `scale_by_shampoo`.
-    weight_decay: decoupled weight decay :math:`\lambda`.
+      layer_axes, precondition, mu_dtype, preconditioner_dtype,
+      cut_at_shards: see `scale_by_shampoo`.
+    weight_decay: decoupled weight decay :math:`\lambda`; the default is
+      ``optax.adamw``'s, so that swapping one for the other changes only
+      the direction.
     mask: where to apply weight decay.
 
   Returns:
@@ -695,6 +695,7 @@ def shampoo(
           skip_nonfinite=skip_nonfinite,
           shard_axes=shard_axes,
           layer_axes=layer_axes,
+          precondition=precondition,
           mu_dtype=mu_dtype,
           preconditioner_dtype=preconditioner_dtype,
           cut_at_shards=cut_at_shards,

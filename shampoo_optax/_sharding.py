@@ -106,6 +106,20 @@ def context_mesh(shard_axes: ShardAxes):
   return mesh
 
 
+def _check_leaf_axes(leaf_specs, mesh) -> None:
+  """Raises unless the mesh set has every axis the parameters are split on
+  (explicitly sharded parameters used outside `jax.set_mesh`)."""
+  used = {a for spec in leaf_specs for e in spec for a in names_of(e)}
+  missing = sorted(used - set(mesh.axis_names))
+  if missing:
+    have = (f"the mesh set has axes {tuple(mesh.axis_names)}"
+            if mesh.axis_names else "no mesh is set")
+    raise ValueError(
+        f"the parameters are split over mesh axes {missing} (explicit"
+        f" sharding), but {have}: call init and update (or trace them) under"
+        " `with jax.set_mesh(mesh):` with the parameters' mesh.")
+
+
 def names_of(entry: AxisEntry) -> tuple[str, ...]:
   if entry is None:
     return ()
@@ -190,6 +204,7 @@ def factor_batch_specs(plan, leaf_specs, shard_axes) -> list[tuple]:
   mesh = None
   if shard_axes is not None or any(any(s) for s in leaf_specs):
     mesh = context_mesh(shard_axes)
+    _check_leaf_axes(leaf_specs, mesh)
   size = lambda names: entry_size(tuple(names), mesh)
   specs = []
   for factor in plan.factors:
@@ -244,16 +259,18 @@ def layout_batch_shape(factor, batch_spec) -> tuple[int, ...]:
   return (-(-factor.count // k) * k,)
 
 
-def to_layout(x: jax.Array, batch_shape, layout_batch) -> jax.Array:
+def to_layout(x: jax.Array, batch_shape, layout_batch,
+              fill=0) -> jax.Array:
   """``[*batch_shape, ...]`` in the layout ``layout_batch`` (see `is_rows`).
 
-  Rows are the batch axes flattened, then zeros up to ``layout_batch[0]``.
+  Rows are the batch axes flattened, then rows of ``fill`` up to
+  ``layout_batch[0]``.
   """
   if tuple(layout_batch) == tuple(batch_shape):
     return x
   rows = x.reshape((-1,) + x.shape[len(batch_shape):])
   return jnp.pad(rows, [(0, layout_batch[0] - rows.shape[0])]
-                 + [(0, 0)] * (rows.ndim - 1))
+                 + [(0, 0)] * (rows.ndim - 1), constant_values=fill)
 
 
 def from_layout(x: jax.Array, batch_shape, layout_batch) -> jax.Array:
@@ -331,9 +348,13 @@ def to_rows(stacked: jax.Array, piece, entry: AxisEntry) -> jax.Array:
   that view's blocks are then each device's own rows, in row order.
   """
   n = stacked.shape[0]
-  x = pin(stacked, (None,) * (stacked.ndim - 1) + (entry,))
-  x = pin(x.reshape((n * piece.grid[0], piece.block[0]) + x.shape[2:]),
-          (entry,))
+  last = (None,) * (stacked.ndim - 1) + (entry,)
+  x = pin(stacked, last)
+  # The reshape is pinned to the last-axis split, where it is local: pinned
+  # to the first axis only, the partitioner would need the split over units
+  # and block rows at once for it, and gather the family instead.
+  x = pin(x.reshape((n * piece.grid[0], piece.block[0]) + x.shape[2:]), last)
+  x = pin(x, (entry,))
   return _blocks.blocks_of(x, _merged_piece(piece)).reshape(
       (-1,) + piece.block)
 
@@ -384,11 +405,12 @@ def update_specs(plan, stats, leaves, shard_axes):
   parameters' split is not visible: the factors split over ``shard_axes``
   alone and the families are not pinned (``None``).
   """
+  leaf_specs = [leaf_spec(x) for x in leaves]
+  _check_leaf_axes(leaf_specs, jax.sharding.get_abstract_mesh())
   if not explicit_axes_in_context():
     return factor_batch_specs(plan, [(None,) * x.ndim for x in leaves],
                               shard_axes), None
   specs = [leaf_spec(s)[:s.ndim - 2] for s in stats]
-  leaf_specs = [leaf_spec(x) for x in leaves]
   return specs, [family_spec(plan, f, leaf_specs)
                  for f in range(len(plan.families))]
 

@@ -63,10 +63,11 @@ class SoapState(NamedTuple):
     bases: the eigenbases, one ``[n, *grid, d, d]`` (or ``[rows, d, d]``)
       array per factor in ``basis_dtype`` (column ``j`` is the ``j``-th
       eigenvector, by decreasing eigenvalue).
-    mu: Adam's first moment, one float32 ``[units, *shape]`` array per
-      family, in the parameters' coordinates.
-    nu: Adam's second moment: for a diagonal family one ``[units, *shape]``
-      array; for a preconditioned family one array per piece, its blocks in
+    mu: Adam's first moment in the parameters' tree and coordinates, each
+      float32 and shaped and split like its parameter.
+    nu: Adam's second moment: first one array per leaf of a diagonal
+      family, shaped like the leaf; then per piece of a preconditioned
+      family one array, its blocks in
       their rotated coordinates, laid out and split as the piece's factors
       (``[n, *grid, *block]``, or padded rows ``[rows, *block]``), so that
       each device keeps its own blocks' moments.
@@ -76,7 +77,7 @@ class SoapState(NamedTuple):
   count: chex.Array
   stats: tuple[chex.Array, ...]
   bases: tuple[chex.Array, ...]
-  mu: tuple[chex.Array, ...]
+  mu: Any
   nu: tuple[chex.Array, ...]
   diagnostics: SoapDiagnostics
 
@@ -90,6 +91,7 @@ SOAP_STATIC_OPTIONS = (
     "skip_nonfinite",
     "shard_axes",
     "layer_axes",
+    "precondition",
     "basis_dtype",
     "cut_at_shards",
     "mask",
@@ -351,11 +353,14 @@ def _init(plan, leaves, treedef, options) -> SoapState:
   )
 
 
-def _check_state(layout, paths, leaves, state: SoapState) -> None:
+def _check_state(layout, paths, leaves, state: SoapState,
+                 options) -> None:
   """Raises unless ``state`` was made for these updates and options."""
   _stages.check_layout("scale_by_soap", layout, state.stats)
   _stages.check_per_leaf("scale_by_soap", layout, paths, leaves,
                          (state.mu,))
+  _stages.check_dtypes("scale_by_soap", (
+      ("basis_dtype", options.basis_dtype, state.bases),))
   got = [tuple(m.shape) for m in state.nu]
   expected = _second_moment_shapes(layout)
   if got != expected:
@@ -374,6 +379,7 @@ class _Options(NamedTuple):
   skip_nonfinite: bool
   shard_axes: Any
   layer_axes: Any
+  precondition: Any
   basis_dtype: Any
   cut_at_shards: bool
 
@@ -406,6 +412,7 @@ def scale_by_soap(
     skip_nonfinite: bool = True,
     shard_axes: _sharding.ShardAxes = None,
     layer_axes: Any = None,
+    precondition: Any = None,
     basis_dtype: Any = jnp.float32,
     cut_at_shards: bool = False,
 ) -> optax.GradientTransformation:
@@ -452,7 +459,12 @@ def scale_by_soap(
     block_size: largest side of a block; see `scale_by_shampoo`.
     b1: Adam's first-moment decay :math:`\beta_1`, in ``[0, 1)``.
     b2: Adam's second-moment decay :math:`\beta_2`, in ``[0, 1]``.
-    eps: Adam's :math:`\epsilon`.
+    eps: Adam's :math:`\epsilon`, added to the bias-corrected
+      :math:`\sqrt{V / (1 - \beta_2^t)}` as in ``optax.scale_by_adam``.
+      The authors' PyTorch code adds it to :math:`\sqrt{V}` before the
+      correction, an effective :math:`\epsilon / \sqrt{1 - \beta_2^t}`:
+      larger early on (4.5x at :math:`t = 1`, :math:`\beta_2 = 0.95`); the
+      two differ only where gradients are as small as :math:`\epsilon`.
     shampoo_beta: decay :math:`\beta_s` of the statistics, in ``[0, 1]``
       (1 sums).
     precondition_every: steps :math:`f` between basis refreshes.
@@ -465,6 +477,11 @@ def scale_by_soap(
       see `scale_by_shampoo`.
     layer_axes: axes of a leaf that index stacked layers; see
       `scale_by_shampoo`.
+    precondition: which leaves may get matrices, like an optax mask: ``None``
+      (every leaf whose shape allows), a bool, a pytree prefix of the params
+      of bools, or a callable of the params returning one. The others get
+      plain Adam (e.g. embeddings and the output head,
+      ``precondition=shampoo_optax.hidden_matrices()``).
     basis_dtype: storage dtype of the bases (computed in float32).
     cut_at_shards: cut blocks at the parameters' shard boundaries; see
       `scale_by_shampoo`.
@@ -475,6 +492,7 @@ def scale_by_soap(
   options = _checked(**locals())
   plan_for = functools.partial(
       _stages.plan_of, transform="scale_by_soap", layer_axes=layer_axes,
+      precondition=precondition,
       block_size=options.block_size,
       max_precondition_dim=options.max_precondition_dim,
       cut_at_shards=cut_at_shards)
@@ -521,7 +539,8 @@ def scale_by_soap(
             + (~finite).astype(jnp.int32)))
 
   update_fn = _stages.make_update(
-      "scale_by_soap", SoapState, plan_for, _check_state, update_core,
+      "scale_by_soap", SoapState, plan_for,
+      functools.partial(_check_state, options=options), update_core,
       options.shard_axes, (b1, b2, eps, shampoo_beta))
   init_fn = _stages.make_init(
       plan_for, functools.partial(_init, options=options))
@@ -540,8 +559,9 @@ def soap(
     skip_nonfinite: bool = True,
     shard_axes: _sharding.ShardAxes = None,
     layer_axes: Any = None,
+    precondition: Any = None,
     basis_dtype: Any = jnp.float32,
-    weight_decay: float = 0.0,
+    weight_decay: float = 1e-4,
     mask: Any = None,
     cut_at_shards: bool = False,
 ) -> optax.GradientTransformation:
@@ -560,8 +580,10 @@ def soap(
     learning_rate: float or ``optax.Schedule``.
     block_size, b1, b2, eps, shampoo_beta, precondition_every,
       max_precondition_dim, skip_nonfinite, shard_axes, layer_axes,
-      basis_dtype, cut_at_shards: see `scale_by_soap`.
-    weight_decay: decoupled weight decay :math:`\lambda`.
+      precondition, basis_dtype, cut_at_shards: see `scale_by_soap`.
+    weight_decay: decoupled weight decay :math:`\lambda`; the default is
+      ``optax.adamw``'s, so that swapping one for the other changes only
+      the direction.
     mask: where to apply weight decay.
 
   Returns:
@@ -580,6 +602,7 @@ def soap(
           skip_nonfinite=skip_nonfinite,
           shard_axes=shard_axes,
           layer_axes=layer_axes,
+          precondition=precondition,
           basis_dtype=basis_dtype,
           cut_at_shards=cut_at_shards,
       ), learning_rate, weight_decay, mask, skip_nonfinite)

@@ -27,11 +27,14 @@ used (`stacked_state`).
 Around them: the update shell (`make_update`: state check, splits, explicit
 sharding), the kept state of a skipped step (`kept_where`), counters
 (`count_true`), the init helpers (`factor_placement`, `leaf_zeros`,
-`per_factor`, `check_layout`, `check_per_leaf`) and the optax alias with weight decay
+`per_factor`), the state checks (`check_layout`, `check_per_leaf`,
+`check_dtypes`), the per-leaf options (`resolve_layer_axes`,
+`resolve_precondition`) and the optax alias with weight decay
 (`with_weight_decay`). A preconditioner module holds only its math and its
 transform, and calls these.
 """
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, NamedTuple
@@ -82,28 +85,45 @@ def _is_axes(x) -> bool:
                                    for a in x))
 
 
-def resolve_layer_axes(layer_axes, tree, paths, leaves, treedef):
+@dataclasses.dataclass(frozen=True)
+class _Repeated:
+  """An entry of a prefix and how many leaves it covers (not a pytree)."""
+
+  entry: Any
+  count: int
+
+
+def _per_leaf(option: str, value, tree, is_entry, accepted: str) -> list:
+  """``value`` (or what it returns for ``tree``), a prefix of ``tree``, as
+  one entry per leaf: an entry applies to every leaf below it. The leaves
+  optax masks out (``optax.masked``, ``optax.partition``) take nothing."""
+  spec = value(tree) if callable(value) else value
+  try:
+    # Each entry's leaves in an object that is not a pytree node (a list
+    # would be confused with the params' own lists).
+    groups = jax.tree.leaves(jax.tree.map(
+        lambda entry, sub: _Repeated(entry, len(jax.tree.leaves(sub))),
+        spec, tree, is_leaf=is_entry))
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{option} must be {accepted}, a pytree prefix of the params with"
+        " such entries, or a callable of the params returning one; got"
+        f" {spec!r} ({e}).") from None
+  return [g.entry for g in groups for _ in range(g.count)]
+
+
+
+def resolve_layer_axes(layer_axes, tree, paths, leaves):
   """``layer_axes`` as one sorted tuple of non-negative axes per leaf.
 
-  ``layer_axes`` (or what it returns for ``tree``) is a prefix of ``tree``:
-  an entry applies to every leaf below it, so ``0`` stacks every leaf on
-  its first axis and ``{"layers": 0, "embed": None}`` a whole subtree. The
-  leaves optax masks out (``optax.masked``, ``optax.partition``) take
-  nothing.
+  ``layer_axes`` (or what it returns for ``tree``) is a prefix of ``tree``
+  (`_per_leaf`), so ``0`` stacks every leaf on its first axis and
+  ``{"layers": 0, "embed": None}`` a whole subtree.
   """
   if layer_axes is None:
     return ((),) * len(leaves)
-  spec = layer_axes(tree) if callable(layer_axes) else layer_axes
-  try:
-    per_leaf = jax.tree.leaves(jax.tree.map(
-        lambda axes, sub: [axes] * len(jax.tree.leaves(sub)), spec, tree,
-        is_leaf=_is_axes), is_leaf=lambda x: isinstance(x, list))
-    per_leaf = [a for group in per_leaf for a in group]
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "layer_axes must be None, an int, a tuple of ints, a pytree prefix"
-        " of the params with such entries, or a callable of the params"
-        f" returning one; got {spec!r} ({e}).") from None
+  per_leaf = _per_leaf("layer_axes", layer_axes, tree, _is_axes,
+                       "None, an int, a tuple of ints")
   resolved = []
   for path, leaf, axes in zip(paths, leaves, per_leaf):
     axes = () if axes is None else (axes,) if isinstance(
@@ -123,19 +143,36 @@ def resolve_layer_axes(layer_axes, tree, paths, leaves, treedef):
   return tuple(resolved)
 
 
+def resolve_precondition(precondition, tree, paths) -> tuple[bool, ...] | None:
+  """``precondition`` as one bool per leaf (``None``: every leaf may get
+  matrices); a prefix of ``tree`` or a callable, like an optax mask."""
+  if precondition is None:
+    return None
+  per_leaf = _per_leaf(
+      "precondition", precondition, tree,
+      lambda x: isinstance(x, (bool, np.bool_)), "None, a bool")
+  for path, entry in zip(paths, per_leaf):
+    if not isinstance(entry, (bool, np.bool_)):
+      raise ValueError(
+          f"precondition of {jax.tree_util.keystr(path)} must be a bool,"
+          f" got {entry!r}.")
+  return tuple(bool(e) for e in per_leaf)
+
+
 def plan_of(tree, *, transform: str, layer_axes, block_size: int,
             max_precondition_dim: int, exponent_override=None,
-            cut_at_shards: bool = False):
+            cut_at_shards: bool = False, precondition=None):
   """The plan of a tree of updates or params, and its flattened leaves.
 
   Returns ``(plan, paths, leaves, treedef)``.
   """
   paths, leaves, treedef = as_leaves(tree, "update", transform)
-  axes = resolve_layer_axes(layer_axes, tree, paths, leaves, treedef)
+  axes = resolve_layer_axes(layer_axes, tree, paths, leaves)
   plan = _blocks.make_plan(
       tuple(tuple(x.shape) for x in leaves), axes, block_size,
       max_precondition_dim, exponent_override,
-      _sharding.shard_counts(leaves) if cut_at_shards else None)
+      _sharding.shard_counts(leaves) if cut_at_shards else None,
+      resolve_precondition(precondition, tree, paths))
   return plan, paths, leaves, treedef
 
 
@@ -494,21 +531,21 @@ def count_true(masks) -> jax.Array:
 def factor_placement(plan, leaves, shard_axes):
   """For ``init``: per-factor arrays ``[*batch, ...]`` laid out and split.
 
-  Returns ``place(arrays, indices=None)``: one array per factor of
+  Returns ``place(arrays, indices=None, fill=0)``: one array per factor of
   ``indices`` (default all; each in the factor's own batch shape) in the
-  factor's layout (padding rows are zeros), pinned to its split
+  factor's layout (padding rows are ``fill``), pinned to its split
   (`_sharding.factor_batch_specs`).
   """
   specs = _sharding.factor_batch_specs(
       plan, [_sharding.leaf_spec(x) for x in leaves], shard_axes)
 
-  def place(arrays, indices=None):
+  def place(arrays, indices=None, fill=0):
     factors = enumerate(plan.factors) if indices is None else (
         (i, plan.factors[i]) for i in indices)
     return tuple(
         _sharding.constrain(_sharding.to_layout(
-            x, f.batch_shape, _sharding.layout_batch_shape(f, specs[i])),
-                            specs[i])
+            x, f.batch_shape, _sharding.layout_batch_shape(f, specs[i]),
+            fill), specs[i])
         for x, (i, f) in zip(arrays, factors))
 
   return place
@@ -557,6 +594,24 @@ def check_per_leaf(transform: str, layout: Layout, paths, leaves,
           " the updates "
           f"{[(jax.tree_util.keystr(k), s) for k, s in zip(paths, shapes)]}."
           " Call init with these parameters.")
+
+
+def check_dtypes(transform: str, fields) -> None:
+  """Raises unless each ``(option, dtype, field)``'s arrays are ``dtype``.
+
+  Same-shape options that only change a dtype (e.g. ``mu_dtype``) are told
+  apart by the state's dtypes; ``dtype=None`` (follow the parameters) is
+  not checked.
+  """
+  for option, dtype, field in fields:
+    if dtype is None or field is None:
+      continue
+    got = sorted({str(x.dtype) for x in jax.tree.leaves(field)})
+    if got and got != [str(jnp.dtype(dtype))]:
+      raise ValueError(
+          f"{transform}: the state was made with another {option}: its"
+          f" arrays are {got}, this transformation has {option}="
+          f"{jnp.dtype(dtype)}. Call init again with this transformation.")
 
 
 # ---------------------------------------------------------------------------

@@ -743,8 +743,9 @@ def test_python_scalars_are_leaves_like_in_optax_adam():
   state = tx.init(params)
   grads = jax.tree.map(lambda x: 0.5 * jnp.asarray(x), params)
   updates, _ = tx.update(grads, state, params)
-  # Scalars get the grafted Adam step, as in optax.adam.
-  adam = optax.adam(1e-2, b1=0.9, b2=0.999)
+  # Scalars get the grafted Adam step and the weight decay, as in
+  # optax.adamw (whose default weight decay the alias shares).
+  adam = optax.adamw(1e-2, b1=0.9, b2=0.999)
   expected, _ = adam.update(grads, adam.init(params), params)
   assert jax.tree.structure(updates) == jax.tree.structure(params)
   assert_close(updates["scale"], expected["scale"], rtol=1e-5)

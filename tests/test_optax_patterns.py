@@ -7,6 +7,7 @@ optimizer (convergence on small problems, dtypes, wrappers, donation,
 """
 
 import functools
+import inspect
 
 import jax
 from jax.sharding import AxisType
@@ -188,3 +189,16 @@ def test_sharded_state_types_are_stable(name):
     assert jax.tree.map(jax.typeof, state) == types
     assert jax.tree.map(jax.typeof, updates) == jax.tree.map(jax.typeof,
                                                              params)
+
+
+@pytest.mark.parametrize("name", ["shampoo", "soap"])
+def test_alias_is_a_drop_in_for_adamw_including_weight_decay(name):
+  """``shampoo(lr)``/``soap(lr)`` decay the weights as ``optax.adamw(lr)``
+  does by default: with a zero gradient both updates are ``-lr * wd * w``."""
+  default = inspect.signature(optax.adamw).parameters["weight_decay"].default
+  params = {"w": jnp.full((8, 4), 2.0), "b": jnp.full(4, -3.0)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for tx in (OPTIMIZERS[name](0.5), optax.adamw(0.5)):
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    assert_close(updates, jax.tree.map(lambda p: -0.5 * default * p, params),
+                 rtol=1e-6)

@@ -372,3 +372,17 @@ def test_wrong_state_and_dtype_name_the_cause():
     tx.update(params, optax.adam(1e-3).init(params))
   with pytest.raises(TypeError, match=r"\['w'\].*floating-point"):
     tx.update({"w": jnp.zeros((4, 3), jnp.int32)}, tx.init(params))
+
+
+@pytest.mark.parametrize("make,option,made,used", [
+    (shampoo_optax.scale_by_shampoo, "preconditioner_dtype", jnp.bfloat16,
+     jnp.float32),
+    (shampoo_optax.scale_by_shampoo, "mu_dtype", jnp.bfloat16, jnp.float32),
+    (shampoo_optax.scale_by_soap, "basis_dtype", jnp.float32, jnp.bfloat16)])
+def test_state_made_with_another_dtype_option_names_it(make, option, made,
+                                                       used):
+  """Same shapes, other dtypes: refused rather than silently cast."""
+  params = {"w": jnp.ones((8, 4)), "b": jnp.ones(4)}
+  state = make(**{option: made}).init(params)
+  with pytest.raises(ValueError, match=rf"another {option}.*bfloat16"):
+    make(**{option: used}).update(params, state, params)

@@ -377,18 +377,25 @@ def test_compiled_ops_do_not_grow_with_layers():
 # ---------------------------------------------------------------- refresh
 
 
-def test_staggered_refresh_spreads_the_roots_over_the_cycle():
-  """Every root every k steps, all at the start, about 1/k per step."""
+def test_staggered_refresh_computes_every_root_once_per_window():
+  """All roots at the start, then each exactly once per window of k steps,
+  with the steps' shares of the work (d^3 per root) balanced."""
   k, start = 4, 2
-  tree = {"a": (24, 16), "b": (3, 8, 8), "c": (8, 40)}
+  # Roots of sides 8 and 4 (the remainder block of "c"), from 1 to 6 rows a
+  # factor: fewer rows than steps in a window for some.
+  tree = {"a": (24, 16), "b": (3, 8, 8), "c": (8, 44)}
   rng = np.random.default_rng(0)
   tx = shampoo_optax.scale_by_shampoo(
       block_size=8, precondition_every=k, start_preconditioning_step=start,
       refresh="staggered", layer_axes={"a": None, "b": 0, "c": None})
   state = tx.init({n: jnp.zeros(s) for n, s in tree.items()})
+  sides = [f.dim for f in _blocks.make_plan(
+      tuple(tree.values()), ((), (0,), ()), 8, 4096).factors]
   update = jax.jit(tx.update)
-  rows = [int(np.prod(r.shape)) for r in state.refreshed_at]
-  for step in range(start + 3 * k):
+  windows = 3
+  refreshed = [np.zeros(r.size, int) for r in state.refreshed_at]
+  costs = []
+  for step in range(start + 1 + windows * k):
     grads = {n: jnp.asarray(rng.standard_normal(s), jnp.float32)
              for n, s in tree.items()}
     _, state = update(grads, state)
@@ -397,11 +404,17 @@ def test_staggered_refresh_spreads_the_roots_over_the_cycle():
       assert all(np.all(a == -1) for a in at)
     elif step == start:  # Every root at the first refresh.
       assert all(np.all(a == start) for a in at)
-    else:  # Each step: a share of every factor; no root older than k steps.
+    else:
       assert all(np.all(step - a < k) for a in at)
-      for a, n in zip(at, rows):
-        assert 0 < np.sum(a == step) <= -(-n // k)
-  assert int(state.diagnostics.last_refresh_step) == start + 3 * k - 1
+      now = [a == step for a in at]
+      costs.append(sum(d**3 * n.sum() for d, n in zip(sides, now)))
+      for count, n in zip(refreshed, now):
+        count += n
+      if (step - start) % k == 0:  # A window ends: every root once.
+        assert all(np.all(c == 1) for c in refreshed), refreshed
+        refreshed = [np.zeros_like(c) for c in refreshed]
+  assert max(costs) <= 1.25 * np.mean(costs), costs
+  assert int(state.diagnostics.last_refresh_step) == start + windows * k
   assert int(state.diagnostics.root_failures) == 0
 
 

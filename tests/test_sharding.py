@@ -157,6 +157,21 @@ def test_no_mesh_is_single_device_and_missing_axes_are_named():
         mesh_of(8))
 
 
+@pytest.mark.parametrize("make", [shampoo_optax.shampoo, shampoo_optax.soap])
+def test_explicit_parameters_outside_their_mesh_get_a_clear_error(make):
+  """Explicitly sharded parameters used after the ``with jax.set_mesh``
+  block: an error that says what to do, not a KeyError on the axis."""
+  with jax.set_mesh(mesh_of(8)):
+    params = {"w": jax.sharding.reshard(jnp.ones((64, 16)), P("data"))}
+  tx = make(1e-3, block_size=8)
+  with pytest.raises(ValueError, match=r"\['data'\].*no mesh is set.*set_mesh"):
+    tx.init(params)
+  with jax.set_mesh(mesh_of(8)):
+    state = tx.init(params)
+  with pytest.raises(ValueError, match=r"\['data'\].*no mesh is set"):
+    tx.update(params, state, params)
+
+
 def test_pjit_way_with_state_shardings_in_a_chain():
   """jax.jit with in/out shardings on an auto mesh, Shampoo inside a chain."""
   tx = optax.chain(
@@ -564,6 +579,38 @@ def test_layouts_that_crashed_the_partitioner_compile(tmp_path):
 
 
 @pytest.mark.parametrize("transform", ["shampoo", "soap"])
+def test_stacked_rows_straddled_by_blocks_need_no_rematerialization(
+    transform, tmp_path):
+  """A scanned [2, 256, 64] kernel split 8 ways by rows (32 a device) in
+  blocks of 64, and a [2, 64, 4, 16] attention kernel in blocks of 16: its
+  factors are padded rows, reached without XLA gathering the gradient
+  ("involuntary full rematerialization" once did), and the updates equal
+  the single-device ones."""
+  from benchmarks import layout_sweep  # pylint: disable=g-import-not-at-top
+
+  layouts = [((2, 256, 64), 64), ((2, 64, 4, 16), 16)]
+  rows = layout_sweep.run([dict(
+      shape=list(shape), layer_axes=0, block=block, mesh="8", split="rows",
+      spec=[None, "data"] + [None] * (len(shape) - 2), tx=transform,
+      mode="explicit", shard_axes="data", cut_at_shards=False)
+                           for shape, block in layouts], tmp_path, timeout=600)
+  bad = [r for r in rows if r["status"] != "ok" or r["warnings"]
+         or r["collectives"].get("all-gather")]
+  assert not bad, layout_sweep.summary(bad)
+  make = (shampoo_optax.scale_by_shampoo if transform == "shampoo"
+          else shampoo_optax.scale_by_soap)
+  options = dict(block_size=64, precondition_every=2, layer_axes=0)
+  grads = [0.3 * jax.random.normal(jax.random.key(i), (2, 256, 64))
+           for i in range(3)]
+  expected, _ = run_updates(make(**options), grads)
+  with jax.set_mesh(mesh_of(8)):
+    ours, _ = run_updates(make(**options, shard_axes="data"), [
+        jax.sharding.reshard(g, P(None, "data")) for g in grads])
+  for u, e in zip(ours, expected):
+    assert_close(np.asarray(u), np.asarray(e), rtol=2e-5)
+
+
+@pytest.mark.parametrize("transform", ["shampoo", "soap"])
 @pytest.mark.parametrize("mesh_shape,spec", [
     ((8,), P("data", None)), ((2, 4), P("data", "model"))])
 def test_layouts_that_crashed_the_partitioner_match_one_device(
@@ -649,3 +696,37 @@ def test_inside_shard_map_each_device_runs_its_own_optimizer(transform,
         lambda x: x.reshape((8, -1) + x.shape[1:])[d], t)
     expected = jax.jit(run)(shard(params), *map(shard, grads))
     assert_close(shard(ours), expected, rtol=1e-5)
+
+
+def test_staggered_refresh_on_one_row_per_device_computes_each_root_once():
+  """8 stacked layers split over 8 devices: each device holds one row of
+  each factor, fewer than the steps of a window. Every root is recomputed
+  once per window all the same, and the padding rows (those of "w2",
+  stored as 6 rows padded to 8) stay at -1."""
+  k, start = 4, 1
+  tx = shampoo_optax.scale_by_shampoo(
+      **{**OPTIONS, "precondition_every": k,
+         "start_preconditioning_step": start},
+      refresh="staggered", shard_axes="data")
+  with jax.set_mesh(mesh_of(8)):
+    params = {name: jax.sharding.reshard(x, fsdp_spec(x.shape))
+              for name, x in make_params().items()}
+    state = jax.jit(tx.init)(params)
+    padding = [np.asarray(r).reshape(-1)[6:] for r in state.refreshed_at[4:]]
+    assert all(np.all(p == -1) for p in padding)
+    update = jax.jit(tx.update)
+    refreshed = [np.zeros(r.size, int) for r in state.refreshed_at]
+    for step in range(start + 1 + 2 * k):
+      _, state = update(make_grads(step), state, params)
+      at = [np.asarray(r).reshape(-1) for r in state.refreshed_at]
+      if step <= start:
+        continue
+      for count, a in zip(refreshed, at):
+        count += a == step
+      if (step - start) % k == 0:  # A window ends.
+        for i, count in enumerate(refreshed):
+          own = count[:6] if i >= 4 else count
+          assert np.all(own == 1), (i, count)
+        refreshed = [np.zeros_like(c) for c in refreshed]
+  padding = [a[6:] for a in at[4:]]
+  assert all(np.all(p == -1) for p in padding), padding

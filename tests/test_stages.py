@@ -182,6 +182,33 @@ def test_check_per_leaf_and_layout_name_the_mismatch():
     _stages.check_layout("t", layout, stats)
 
 
+def test_per_leaf_options_take_prefixes_and_callables_over_lists():
+  """A prefix entry covers its subtree, also where the params hold lists
+  (which are pytree nodes, not entries)."""
+  tree = {"blocks": [jnp.zeros((2, 4, 4)), jnp.zeros((2, 4, 4))],
+          "head": jnp.zeros((4, 8))}
+  paths, leaves, _ = _stages.as_leaves(tree, "update", "test")
+  assert _stages.resolve_layer_axes(
+      {"blocks": 0, "head": None}, tree, paths, leaves) == ((0,), (0,), ())
+  assert _stages.resolve_layer_axes(
+      lambda t: {"blocks": [0, (0,)], "head": None}, tree, paths,
+      leaves) == ((0,), (0,), ())
+  assert _stages.resolve_precondition(
+      {"blocks": True, "head": False}, tree, paths) == (True, True, False)
+  assert _stages.resolve_precondition(None, tree, paths) is None
+  with pytest.raises(ValueError, match=r"precondition of \['head'\]"):
+    _stages.resolve_precondition({"blocks": True, "head": 0}, tree, paths)
+
+
+def test_check_dtypes_names_the_option():
+  field = {"a": jnp.zeros(3, jnp.bfloat16)}
+  _stages.check_dtypes("t", [("mu_dtype", jnp.bfloat16, field),
+                             ("mu_dtype", None, field),
+                             ("basis_dtype", jnp.float32, None)])
+  with pytest.raises(ValueError, match=r"t: .*another mu_dtype.*bfloat16"):
+    _stages.check_dtypes("t", [("mu_dtype", jnp.float32, field)])
+
+
 def test_with_weight_decay_is_adamw_shaped_and_skips_whole_steps():
   params = {"w": jnp.ones((4, 4))}
   tx = _stages.with_weight_decay(

@@ -520,9 +520,10 @@ def scale_by_shampoo(
       of following the parameters' own shardings, see `_sharding`); ``None``
       splits them only as the parameters are split.
     layer_axes: which axes of a leaf index independent stacked layers (e.g.
-      0 for an ``nn.scan`` kernel ``[L, d_in, d_out]``): ``None`` (none), a
-      pytree like the params of ``int`` / ``tuple[int, ...]`` / ``None``, or
-      a callable of the params returning one. Each slice is preconditioned
+      0 for an ``nn.scan`` kernel ``[L, d_in, d_out]``): ``None`` (none), an
+      ``int`` or ``tuple[int, ...]`` for every leaf, a pytree prefix of the
+      params with such entries (or ``None``), or a callable of the params
+      returning one. Each slice is preconditioned
       exactly as if it were a leaf of its own.
     precondition: which leaves may get matrices, like an optax mask: ``None``
       (every leaf whose shape allows), a bool, a pytree prefix of the params

@@ -112,7 +112,6 @@ def _per_leaf(option: str, value, tree, is_entry, accepted: str) -> list:
   return [g.entry for g in groups for _ in range(g.count)]
 
 
-
 def resolve_layer_axes(layer_axes, tree, paths, leaves):
   """``layer_axes`` as one sorted tuple of non-negative axes per leaf.
 

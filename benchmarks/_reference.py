@@ -57,6 +57,9 @@ writing; ``benchmarks.run`` passes ``shampoo``'s current defaults explicitly
                                   default is heavy ball, ``m = b1 m + u``,
                                   i.e. ``1/(1-b1)`` (10x) larger steps.
 ``max_precondition_dim``          ``skip_preconditioning_dim_size_gt``
+                                  (compared with whole dims there, with
+                                  blocks' sides here: they agree while no
+                                  dim exceeds both it and ``block_size``)
 ``max_root_error``                ``inverse_failure_threshold`` (only when
                                   given; reference default 0.1)
 ``weight_decay``                  ``weight_decay`` with

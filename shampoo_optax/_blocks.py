@@ -10,7 +10,7 @@ result tells the update how to
   preconditioned exactly as if it were a leaf of its own;
 * route each unit: ``shampoo`` (Kronecker-factored preconditioning) or
   diagonal (the grafted optimizer alone: scalars, vectors, empty units and
-  units with a dimension above ``max_precondition_dim``);
+  units no side of whose blocks is at most ``max_precondition_dim``);
 * reshape a preconditioned unit: drop unit dimensions, then merge adjacent
   small dimensions while their product stays ``<= min(block_size,
   max_precondition_dim)`` (never below rank 2), e.g. a ``[3, 3, 64, 128]``
@@ -23,9 +23,13 @@ result tells the update how to
   blocks along each axis (at most ``block_size`` per side), each viewed as
   ``[n, *grid, *block]``; optionally an axis is first cut into equal
   *spans*, a parameter's shards, and each span is blocked on its own;
-* keep, for every axis of every piece, one *factor*: the statistics of that
-  axis of all its blocks, ``[n, *grid, *packed]`` (symmetric matrices as
-  packed triangles, see `_symmetric`).
+* keep, for every *factored* axis of every piece, one *factor*: the
+  statistics of that axis of all its blocks, ``[n, *grid, *packed]``
+  (symmetric matrices as packed triangles, see `_symmetric`). An axis is
+  factored when its blocks' side ``min(dim, block_size)`` is at most
+  ``max_precondition_dim``; the others are neither cut nor preconditioned
+  (identity on that side: a one-sided preconditioner, e.g. for a
+  vocabulary-sized dim when ``block_size`` is larger than it).
 
 A factor's leading axes ``[n, *grid]`` are those of its blocks, so block
 ``i``'s statistics, root and gradient share an index: preconditioning is
@@ -326,16 +330,28 @@ def merge_dims(shape: Shape, limit: int) -> tuple[Shape, tuple[Shape, ...]]:
   return tuple(merged), tuple(tuple(g) for g in groups)
 
 
-def _pieces(shape: Shape, block_size: int, cuts: Shape) -> tuple[Piece, ...]:
+def _pieces(shape: Shape, sides: Shape, cuts: Shape) -> tuple[Piece, ...]:
   # Per axis: the run of full blocks and the remainder block of each span.
   parts = []
-  for dim, c in zip(shape, cuts):
-    full, rest = divmod(dim // c, block_size)
-    parts.append(([(0, c * full, block_size)] if full else [])
-                 + ([(full * block_size, c, rest)] if rest else []))
+  for dim, side, c in zip(shape, sides, cuts):
+    full, rest = divmod(dim // c, side)
+    parts.append(([(0, c * full, side)] if full else [])
+                 + ([(full * side, c, rest)] if rest else []))
   return tuple(
       Piece(*(tuple(part[i] for part in combo) for i in range(3)), cuts)
       for combo in itertools.product(*parts))
+
+
+def exponent_of(override, factored_axes: int) -> int:
+  """The root exponent ``p`` of a block with ``factored_axes`` factors.
+
+  ``override``: ``None`` (``p = 2k`` for ``k`` factors), an int for every
+  block, or ``((k, p), ...)`` pairs, ``2k`` for the orders not listed.
+  """
+  default = 2 * factored_axes
+  if override is None or isinstance(override, int):
+    return override or default
+  return dict(override).get(factored_axes, default)
 
 
 def _cuts(merged: Shape, merged_from: tuple[Shape, ...], shards: Shape,
@@ -356,7 +372,7 @@ def make_plan(
     layer_axes: tuple[Shape, ...],
     block_size: int,
     max_precondition_dim: int,
-    exponent_override: int | None = None,
+    exponent_override: int | tuple[tuple[int, int], ...] | None = None,
     shards: tuple[Shape, ...] | None = None,
     preconditioned: tuple[bool, ...] | None = None,
 ) -> Plan:
@@ -366,9 +382,11 @@ def make_plan(
     shapes: the shape of every leaf, in flattened order.
     layer_axes: for every leaf, its (sorted, non-negative) layer axes.
     block_size: largest block side.
-    max_precondition_dim: units with a (merged) dim above this are diagonal.
-    exponent_override: root exponent ``p`` for every factor (``X^(-1/p)``);
-      ``None`` uses ``p = 2k`` for a rank-``k`` merged unit.
+    max_precondition_dim: largest factor side: an axis whose blocks'
+      side ``min(dim, block_size)`` is above this gets no factor (and is not
+      cut); a unit with no factored axis is diagonal.
+    exponent_override: root exponent ``p`` of the factors (``X^(-1/p)``),
+      see `exponent_of`; by default ``p = 2k`` for ``k`` factored axes.
     shards: for every leaf, the number of shards of each of its axes, to cut
       blocks at the shard boundaries; ``None``: cut nowhere. A merged axis
       whose major leaf axis has ``k > 1`` shards (its minor ones none) that
@@ -388,15 +406,17 @@ def make_plan(
     unit_shape = tuple(shape[a] for a in unit_axes)
     merged, groups = merge_dims(unit_shape, merge_limit)
     merged_from = tuple(tuple(unit_axes[a] for a in g) for g in groups)
+    factored = tuple(min(d, block_size) <= max_precondition_dim
+                     for d in merged)
     diagonal = (len(merged) < 2 or math.prod(merged) == 0
-                or max(merged) > max_precondition_dim
+                or not any(factored)
                 or (preconditioned is not None and not preconditioned[leaf]))
     if diagonal:
-      key = ("diagonal", unit_shape, None)
+      key = ("diagonal", unit_shape, None, None)
     else:
       key = ("shampoo", merged, _cuts(
           merged, merged_from,
-          shards[leaf] if shards else (1,) * len(shape), block_size))
+          shards[leaf] if shards else (1,) * len(shape), block_size), factored)
     if key not in members:
       keys.append(key)
       members[key] = []
@@ -407,16 +427,21 @@ def make_plan(
 
   families, factors = [], []
   for index, key in enumerate(keys):
-    kind, shape, cuts = key
+    kind, shape, cuts, factored = key
     if kind == "diagonal":
       families.append(Family(shape, tuple(members[key]), (), 0))
       continue
-    p = exponent_override or 2 * len(shape)
+    p = exponent_of(exponent_override, sum(factored))
+    # An axis without a factor is one block per span.
+    sides = tuple(block_size if f else d // c
+                  for d, c, f in zip(shape, cuts, factored))
     family = Family(shape, tuple(members[key]),
-                    _pieces(shape, block_size, cuts), p)
+                    _pieces(shape, sides, cuts), p)
     families.append(family)
     for piece_index, piece in enumerate(family.pieces):
       for axis, dim in enumerate(piece.block):
+        if not factored[axis]:
+          continue
         factors.append(Factor(index, piece_index, axis, dim, p,
                               (family.units,) + piece.grid))
   return Plan(tuple(shapes), tuple(families), tuple(factors),

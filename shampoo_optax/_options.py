@@ -91,3 +91,19 @@ def check_dtype(name: str, value, allow_none: bool = True):
         f"{name} must be a floating dtype{' or None' if allow_none else ''},"
         f" got {value!r}.")
   return dtype
+
+
+def check_exponent(name: str, value):
+  """An int ``>= 1``, ``None``, or a mapping ``{k: p}`` of such ints.
+
+  Returns ``None``, the int, or the mapping as sorted ``((k, p), ...)``
+  pairs (hashable, for the plan's cache).
+  """
+  if not isinstance(value, dict):
+    return static_int(name, value, 1, allow_none=True)
+  pairs = []
+  for order, p in value.items():
+    pairs.append((static_int(f"{name} key (a number of factored axes)",
+                             order, 1),
+                  static_int(f"{name}[{order!r}]", p, 1)))
+  return tuple(sorted(pairs))

@@ -10,7 +10,6 @@ without their padding, so that what is saved does not depend on the mesh
 
 import contextlib
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -174,15 +173,14 @@ def _conform(x, shape, xp=jnp):
   """
   if tuple(x.shape) == tuple(shape):
     return x
-  if x.ndim > len(shape):  # Into rows ``[rows, *rest]``, then padding rows.
-    rows = x.reshape((-1,) + tuple(shape[1:]))
-    # They hold what init puts there: -1 in the int32 steps
+  if x.ndim > len(shape):  # Into rows ``[rows, *rest]``.
+    # The padding rows hold what init puts there: -1 in the int32 steps
     # (``refreshed_at``: never), zeros in the floating factors.
     fill = -1 if xp.issubdtype(x.dtype, xp.integer) else 0
-    return xp.pad(rows, [(0, shape[0] - rows.shape[0])]
-                  + [(0, 0)] * (rows.ndim - 1), constant_values=fill)
-  batch = shape[:len(shape) - x.ndim + 1]
-  return x[:math.prod(batch)].reshape(shape)
+    return _sharding.to_layout(x, x.shape[:x.ndim - len(shape) + 1],
+                               shape[:1], fill, xp)
+  return _sharding.from_layout(x, shape[:len(shape) - x.ndim + 1],
+                               x.shape[:1])
 
 
 def _check(state, source, what: str):

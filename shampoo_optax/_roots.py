@@ -5,7 +5,9 @@ where ``L`` and ``R`` are accumulated Gram matrices. This module computes
 
   ``X = (A + ridge * I)^(-1/p)``,  ``ridge = ridge_epsilon * lambda_max(A)``,
 
-for a stack of matrices ``A`` of shape ``[..., n, n]`` in float32, together with
+(or, by ``regularization``, an absolute ridge ``ridge_epsilon``, or the
+pseudo-inverse root that drops the eigenvalues below
+``ridge_epsilon * lambda_max(A)``) for a stack of matrices ``A`` of shape ``[..., n, n]`` in float32, together with
 the dimensionless error ``max_ij |X^p (A + ridge * I) - I|_ij`` (evaluated in
 a balanced form, see ``root_error``) that the optimizer uses to reject a bad
 root and keep the previous one.
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT_METHODS = ("auto", "eigh", "newton")
+REGULARIZATIONS = ("relative", "absolute", "pseudo_inverse")
 
 # A matrix whose max-abs entry is at most this is treated as the zero matrix
 # (for a PSD matrix max|A_ij| = max_i A_ii <= lambda_max <= n max_i A_ii):
@@ -126,9 +129,13 @@ def _matrix_power(a: jax.Array, p: int) -> jax.Array:
     a = _matmul(a, a)
 
 
-def _residual(regularized_matrix: jax.Array, root: jax.Array,
-              p: int) -> jax.Array:
-  """``max|X^(p-h) A X^h - I|``, ``h = p // 2``; +inf if not finite."""
+def _residual(regularized_matrix: jax.Array, root: jax.Array, p: int,
+              target: jax.Array | None = None) -> jax.Array:
+  """``max|X^(p-h) A X^h - T|``, ``h = p // 2``; +inf if not finite.
+
+  ``T`` is ``target`` (the projector onto the kept eigenvectors of a
+  pseudo-inverse root) or ``I``.
+  """
   h = p // 2
   if h:
     half = _matrix_power(root, h)
@@ -136,8 +143,9 @@ def _residual(regularized_matrix: jax.Array, root: jax.Array,
     product = _matmul(_matmul(left, regularized_matrix), half)
   else:
     product = _matmul(root, regularized_matrix)
-  eye = jnp.eye(root.shape[-1], dtype=root.dtype)
-  error = _max_abs(product - eye)
+  if target is None:
+    target = jnp.eye(root.shape[-1], dtype=root.dtype)
+  error = _max_abs(product - target)
   return jnp.where(jnp.isfinite(error), error, jnp.inf)
 
 
@@ -174,25 +182,44 @@ def root_error(regularized_matrix, root, p: int) -> jax.Array:
   return _residual(a / scale, x * scale ** (1.0 / p), p)
 
 
-def _eigh_root(a: jax.Array, ridge_epsilon: jax.Array, p: int):
+def _ridge(regularization: str, ridge_epsilon, lambda_max, scale):
+  """The ridge added to ``a = A / scale``: relative, absolute, or none."""
+  if regularization == "relative":
+    return ridge_epsilon * lambda_max
+  if regularization == "absolute":
+    return ridge_epsilon / scale
+  return jnp.zeros_like(lambda_max)
+
+
+def _eigh_root(a: jax.Array, ridge_epsilon: jax.Array, p: int,
+               regularization: str, scale: jax.Array):
   """Root of the scaled, symmetric ``a`` [..., n, n] by eigendecomposition.
 
-  Returns the root, the regularized matrix and the largest eigenvalue.
+  Returns the root, the regularized matrix, the target of the residual
+  (``None`` for ``I``) and the largest eigenvalue.
   """
   eigenvalues, eigenvectors = jnp.linalg.eigh(a, symmetrize_input=False)
   lambda_max = eigenvalues[..., -1]
-  ridge = ridge_epsilon * lambda_max
+  ridge = _ridge(regularization, ridge_epsilon, lambda_max, scale)
   # Roundoff makes the eigenvalues of a singular PSD matrix slightly negative.
   shifted = jnp.maximum(eigenvalues, 0.0) + ridge[..., None]
-  # Only a zero ridge leaves zeros here: they get a zero (pseudo-inverse)
-  # root, which the error then reports as >= 1.
-  safe = jnp.where(shifted > 0, shifted, 1.0)
-  inv_root_eigenvalues = jnp.where(shifted > 0, safe ** (-1.0 / p), 0.0)
+  # A zero ridge leaves zeros here: they get a zero (pseudo-inverse) root.
+  # Without regularization="pseudo_inverse" the error then reports >= 1.
+  kept = shifted > 0
+  if regularization == "pseudo_inverse":
+    kept = shifted > (ridge_epsilon * lambda_max)[..., None]
+  safe = jnp.where(kept, shifted, 1.0)
+  inv_root_eigenvalues = jnp.where(kept, safe ** (-1.0 / p), 0.0)
+  transposed = jnp.swapaxes(eigenvectors, -1, -2)
   root = _matmul(eigenvectors * inv_root_eigenvalues[..., None, :],
-                 jnp.swapaxes(eigenvectors, -1, -2))
+                 transposed)
   eye = jnp.eye(a.shape[-1], dtype=a.dtype)
   regularized = a + ridge[..., None, None] * eye
-  return _symmetrize(root), regularized, lambda_max
+  target = None
+  if regularization == "pseudo_inverse":
+    target = _symmetrize(_matmul(
+        eigenvectors * kept[..., None, :].astype(a.dtype), transposed))
+  return _symmetrize(root), regularized, target, lambda_max
 
 
 def _lambda_max_bounds(a: jax.Array):
@@ -238,7 +265,8 @@ def _lambda_max_bounds(a: jax.Array):
 
 
 def _newton_root(a: jax.Array, ridge_epsilon: jax.Array, p: int,
-                 max_iterations: int, tolerance: jax.Array):
+                 max_iterations: int, tolerance: jax.Array,
+                 regularization: str, scale: jax.Array):
   """Root of the scaled, symmetric, non-zero ``a`` by coupled Newton.
 
   With ``T_k = ((p + 1) I - M_k) / p`` the iteration is
@@ -260,7 +288,7 @@ def _newton_root(a: jax.Array, ridge_epsilon: jax.Array, p: int,
   Returns the root and the regularized matrix.
   """
   lower, upper = _lambda_max_bounds(a)
-  ridge = ridge_epsilon * lower
+  ridge = _ridge(regularization, ridge_epsilon, lower, scale)
   eye = jnp.eye(a.shape[-1], dtype=a.dtype)
   regularized = a + ridge[..., None, None] * eye
   z = (p + 1) / (2 * (upper + ridge))
@@ -299,7 +327,8 @@ def inverse_pth_root(matrix,
                      method: str = "auto",
                      ridge_epsilon: float = 1e-6,
                      max_iterations: int = 100,
-                     tolerance: float = 1e-6) -> InverseRootResult:
+                     tolerance: float = 1e-6,
+                     regularization: str = "relative") -> InverseRootResult:
   r"""Inverse p-th roots of symmetric PSD matrices with a relative ridge.
 
   Computes, per matrix of the batch, in float32,
@@ -307,7 +336,17 @@ def inverse_pth_root(matrix,
     ``root = (A + ridge I)^(-1/p)``,  ``ridge = ridge_epsilon lambda_max(A)``,
     ``error = root_error(A + ridge I, root, p)``,
 
-  where ``A = (matrix + matrix^T) / 2``. ``"eigh"`` uses the exact top
+  where ``A = (matrix + matrix^T) / 2``. With ``regularization="absolute"``
+  the ridge is ``ridge_epsilon`` itself. With ``"pseudo_inverse"`` there is
+  no ridge: with ``A = sum_i lambda_i v_i v_i^T``,
+
+    ``root = sum_{lambda_i > ridge_epsilon lambda_max} lambda_i^(-1/p)
+    v_i v_i^T``,
+
+  zero on the directions a rank-deficient ``A`` has not seen (instead of
+  the ``ridge^(-1/p)`` a ridge gives them), and the error measures
+  ``X^(p-h) A X^h`` against the projector ``P`` onto the kept ``v_i``
+  instead of ``I`` (see `root_error`). ``"eigh"`` uses the exact top
   eigenvalue for the ridge; ``"newton"`` uses a power-iteration estimate (see
   ``_lambda_max_bounds``), low by at most about 2% (measured, when the top
   eigenvalues cluster) and exact to float32 rounding otherwise.
@@ -332,11 +371,15 @@ def inverse_pth_root(matrix,
     p: the integer root, ``>= 1`` (static).
     method: one of ``ROOT_METHODS``; ``"auto"`` is
       ``default_root_method()`` at trace time (static).
-    ridge_epsilon: ``>= 0``, relative to ``lambda_max``; may be traced.
-      Ridges below about 1e-7 (float32 roundoff) are not resolved in float32.
+    ridge_epsilon: ``>= 0``, relative to ``lambda_max`` (absolute with
+      ``regularization="absolute"``); may be traced. Relative ridges below
+      about 1e-7 (float32 roundoff) are not resolved in float32.
     max_iterations: Newton's iteration limit, ``>= 1`` (static).
     tolerance: Newton stops a matrix once ``max|M - I|`` is at most this; may
       be traced.
+    regularization: one of ``REGULARIZATIONS`` (static);
+      ``"pseudo_inverse"`` needs ``method`` ``"eigh"`` or ``"auto"`` (which
+      then picks ``"eigh"``).
 
   Returns:
     An ``InverseRootResult`` with ``root`` ``[..., n, n]`` and ``error``
@@ -344,6 +387,7 @@ def inverse_pth_root(matrix,
   """
   if not isinstance(method, str) or method not in ROOT_METHODS:
     raise ValueError(f"method must be one of {ROOT_METHODS}, got {method!r}.")
+  method = resolved_method(method, regularization)
   _check_p(p)
   if isinstance(ridge_epsilon, (int, float)) and not ridge_epsilon >= 0:
     raise ValueError(
@@ -355,8 +399,6 @@ def inverse_pth_root(matrix,
   if isinstance(tolerance, (int, float)) and not tolerance >= 0:
     raise ValueError(f"tolerance must be >= 0, got {tolerance!r}.")
   a = _as_float32_square(matrix, "matrix")
-  if method == "auto":
-    method = default_root_method()
 
   eye = jnp.eye(a.shape[-1], dtype=jnp.float32)
   finite = jnp.all(jnp.isfinite(a), axis=(-2, -1))
@@ -370,17 +412,22 @@ def inverse_pth_root(matrix,
   a = _symmetrize(a)
   ridge_epsilon = jnp.asarray(ridge_epsilon, jnp.float32)
 
+  # The ridge of `"absolute"` in units of the scaled matrix.
+  unit = jnp.where(zero, 1.0, scale)
+  target = None
   if method == "eigh":
-    root, regularized, lambda_max = _eigh_root(a, ridge_epsilon, p)
+    root, regularized, target, lambda_max = _eigh_root(
+        a, ridge_epsilon, p, regularization, unit)
     # Only eigh sees a non-positive lambda_max (of a non-PSD input); Newton
     # fails to converge on one, and its error says so.
     zero = zero | (lambda_max <= 0)
   else:
     root, regularized = _newton_root(a, ridge_epsilon, p, max_iterations,
-                                     jnp.asarray(tolerance, jnp.float32))
-  error = _residual(regularized, root, p)
+                                     jnp.asarray(tolerance, jnp.float32),
+                                     regularization, unit)
+  error = _residual(regularized, root, p, target)
 
-  root = root * jnp.where(zero, 1.0, scale)[..., None, None] ** (-1.0 / p)
+  root = root * unit[..., None, None] ** (-1.0 / p)
   root = jnp.where(zero[..., None, None], eye, root)
   error = jnp.where(zero, 0.0, error)
   # A root that left float32 range is as unusable as one from bad input.
@@ -404,13 +451,30 @@ def lapack_safe_map(fn, *stacks):
   return jax.lax.map(lambda rows: fn(*rows), stacks)
 
 
+def resolved_method(method: str, regularization: str = "relative") -> str:
+  """The root method ``method`` stands for with this ``regularization``."""
+  if (not isinstance(regularization, str)
+      or regularization not in REGULARIZATIONS):
+    raise ValueError(f"regularization must be one of {REGULARIZATIONS},"
+                     f" got {regularization!r}.")
+  if regularization == "pseudo_inverse":
+    if method == "newton":
+      raise ValueError(
+          "regularization='pseudo_inverse' needs the eigenvalues: use"
+          " method (root_method) 'eigh' or 'auto', not 'newton'.")
+    return "eigh"
+  return default_root_method() if method == "auto" else method
+
+
 def stacked_inverse_pth_root(matrices: jax.Array, p: int, *, method: str,
-                             ridge_epsilon) -> InverseRootResult:
+                             ridge_epsilon,
+                             regularization: str = "relative"
+                             ) -> InverseRootResult:
   """`inverse_pth_root` of a ``[m, n, n]`` stack, safe on every backend."""
-  if method == "auto":
-    method = default_root_method()
+  method = resolved_method(method, regularization)
   root = lambda a: inverse_pth_root(a, p, method=method,
-                                    ridge_epsilon=ridge_epsilon)
+                                    ridge_epsilon=ridge_epsilon,
+                                    regularization=regularization)
   if method != "eigh":
     return root(matrices)
   return lapack_safe_map(root, matrices)

@@ -14,7 +14,8 @@ for Deep Learning", arXiv 2002.09018) preconditions a matrix gradient
 (plain sums :math:`L_t = L_{t-1} + G_t G_t^\top` when :math:`\beta_2 = 1`) and
 the direction :math:`D_t = \hat L_t^{-1/4} G_t \hat R_t^{-1/4}`, where
 :math:`\hat X = X + \epsilon \lambda_{max}(X) I`. A rank-:math:`k` tensor has
-one factor per axis, each with exponent :math:`-1/(2k)`. The roots are
+one factor per axis, each with exponent :math:`-1/(2k)` (:math:`k` the
+number of factored axes, see ``max_precondition_dim``). The roots are
 recomputed every ``precondition_every`` steps. :math:`D_t` is rescaled per
 unit (a leaf, or one layer of a stacked leaf) to the norm of a simple
 optimizer's direction (grafting, see `_grafting`), then momentum follows.
@@ -109,6 +110,7 @@ STATIC_OPTIONS = (
     "start_preconditioning_step",
     "refresh",
     "root_method",
+    "matrix_eps_mode",
     "exponent_override",
     "nesterov",
     "heavy_ball",
@@ -117,6 +119,7 @@ STATIC_OPTIONS = (
     "shard_axes",
     "layer_axes",
     "precondition",
+    "base_width",
     "mu_dtype",
     "preconditioner_dtype",
     "cut_at_shards",
@@ -145,7 +148,8 @@ class _Options(NamedTuple):
   start_preconditioning_step: int
   refresh: str
   root_method: str
-  exponent_override: int | None
+  matrix_eps_mode: str
+  exponent_override: int | tuple[tuple[int, int], ...] | None
   nesterov: bool
   heavy_ball: bool
   max_precondition_dim: int
@@ -153,6 +157,7 @@ class _Options(NamedTuple):
   shard_axes: Any
   layer_axes: Any
   precondition: Any
+  base_width: int | None
   mu_dtype: Any
   preconditioner_dtype: Any
   cut_at_shards: bool
@@ -169,8 +174,10 @@ def _checked(b1, b2, matrix_eps, graft_eps, graft_b2, max_root_error,
                         ("start_preconditioning_step", 0),
                         ("max_precondition_dim", 1)):
     static[name] = _options.static_int(name, static[name], minimum)
-  static["exponent_override"] = _options.static_int(
-      "exponent_override", static["exponent_override"], 1, allow_none=True)
+  static["base_width"] = _options.static_int(
+      "base_width", static["base_width"], 1, allow_none=True)
+  static["exponent_override"] = _options.check_exponent(
+      "exponent_override", static["exponent_override"])
   _options.check_range("b1", b1, 0.0, 1.0, high_open=True)
   _options.check_range("b2", b2, 0.0, 1.0)
   if graft_b2 is None:
@@ -183,6 +190,14 @@ def _checked(b1, b2, matrix_eps, graft_eps, graft_b2, max_root_error,
   _options.check_choice("refresh", static["refresh"], REFRESH_MODES)
   _options.check_choice("root_method", static["root_method"],
                         _roots.ROOT_METHODS)
+  _options.check_choice("matrix_eps_mode", static["matrix_eps_mode"],
+                        _roots.REGULARIZATIONS)
+  if static["matrix_eps_mode"] == "pseudo_inverse" and (
+      static["root_method"] == "newton"):
+    raise ValueError(
+        "matrix_eps_mode='pseudo_inverse' needs eigenvalues: use"
+        " root_method='eigh' or 'auto' (which then picks 'eigh'), not"
+        " 'newton'.")
   _options.check_flags(**{name: static[name] for name in (
       "nesterov", "heavy_ball", "skip_nonfinite", "cut_at_shards")})
   static["shard_axes"] = _sharding.check_shard_axes(static["shard_axes"])
@@ -199,13 +214,14 @@ def _checked(b1, b2, matrix_eps, graft_eps, graft_b2, max_root_error,
 
 
 def _packed_roots(packed: jax.Array, *, dim: int, p: int, method: str,
-                  ridge_epsilon) -> tuple[jax.Array, jax.Array]:
+                  ridge_epsilon, regularization: str
+                  ) -> tuple[jax.Array, jax.Array]:
   """Packed inverse roots of packed ``[m, *packed]`` matrices, and errors."""
 
   def roots(c):
     result = _roots.stacked_inverse_pth_root(
         _symmetric.unpack(c, dim), p, method=method,
-        ridge_epsilon=ridge_epsilon)
+        ridge_epsilon=ridge_epsilon, regularization=regularization)
     return _symmetric.pack(result.root), result.error
 
   return _stages.in_batches(roots, packed, row_bytes=4 * dim * dim)
@@ -230,7 +246,7 @@ def _refresh_window(count, active, options: _Options):
 
 
 def _refresh_roots(layout, stats, roots, refreshed_at, phases, count, floats,
-                   *, num_phases, root_method):
+                   *, num_phases, root_method, regularization):
   """Recomputes the roots of phases ``[lo, hi)`` of every device's rows.
 
   Each device's rows of all factors are scheduled by `_refresh.schedule`:
@@ -274,7 +290,8 @@ def _refresh_roots(layout, stats, roots, refreshed_at, phases, count, floats,
               chunk & (k < hi),
               functools.partial(_packed_roots, dim=bucket.key[0],
                                 p=bucket.key[1], method=root_method,
-                                ridge_epsilon=eps),
+                                ridge_epsilon=eps,
+                                regularization=regularization),
               lambda c: (jnp.zeros_like(c),
                          jnp.full_like(c[:, 0, 0], jnp.inf)),
               candidates)
@@ -309,9 +326,10 @@ def _refresh_roots(layout, stats, roots, refreshed_at, phases, count, floats,
       num_outputs=4)
 
 
-def _precondition(layout, grads, roots, use_shampoo) -> dict:
+def _precondition(layout, grads, roots, use_shampoo, base_width) -> dict:
   """``G x_1 S_1^(-1/p) ... x_k S_k^(-1/p)`` of every block, per family.
 
+  With ``base_width``, each block at the RMS of `_stages.width_normalized`.
   Zeros before ``use_shampoo`` (a cond: the products are skipped).
   """
   plan = layout.plan
@@ -319,9 +337,12 @@ def _precondition(layout, grads, roots, use_shampoo) -> dict:
   def precondition(blocks, roots):
     unpacked = lambda i: _symmetric.unpack(
         roots[i], plan.factors[i].dim).astype(jnp.float32)
-    return _stages.families_of(layout, {
-        key: _stages.multiplied(layout, key, block, unpacked)
-        for key, block in blocks.items()})
+    directions = {key: _stages.multiplied(layout, key, block, unpacked)
+                  for key, block in blocks.items()}
+    if base_width is not None:
+      directions = {key: _stages.width_normalized(layout, key, d, base_width)
+                    for key, d in directions.items()}
+    return _stages.families_of(layout, directions)
 
   preconditioned = jax.lax.cond(
       use_shampoo, precondition,
@@ -332,15 +353,23 @@ def _precondition(layout, grads, roots, use_shampoo) -> dict:
   return {f: grads.pin(d, f) for f, d in preconditioned.items()}
 
 
-def _graft(plan, grafted, preconditioned, use_shampoo, graft: str):
-  """Each unit's Shampoo direction at the norm of its grafted direction."""
+def _graft(plan, grafted, preconditioned, use_shampoo, graft: str,
+           base_width):
+  """Each unit's Shampoo direction at the norm of its grafted direction.
+
+  With ``base_width`` the blocks' RMS is already set (`_precondition`): no
+  grafting; before ``use_shampoo`` the grafted direction times
+  `_stages.width_scale`.
+  """
   directions = []
   for f, (fam, graft_dir) in enumerate(zip(plan.families, grafted)):
     if not fam.preconditioned:  # Diagonal: the grafted optimizer alone.
       directions.append(graft_dir)
       continue
     shampoo_dir = preconditioned[f]
-    if graft != "none":
+    if base_width is not None:
+      graft_dir = graft_dir * _stages.width_scale(fam, base_width)
+    elif graft != "none":
       num, den = (_grafting.unit_norm(graft_dir),
                   _grafting.unit_norm(shampoo_dir))
       shampoo_dir = shampoo_dir * jnp.where(
@@ -446,7 +475,8 @@ def scale_by_shampoo(
     start_preconditioning_step: int = 1,
     refresh: str = "all",
     root_method: str = "auto",
-    exponent_override: int | None = None,
+    matrix_eps_mode: str = "relative",
+    exponent_override: int | dict[int, int] | None = None,
     nesterov: bool = False,
     heavy_ball: bool = False,
     max_precondition_dim: int = 4096,
@@ -455,6 +485,7 @@ def scale_by_shampoo(
     shard_axes: _sharding.ShardAxes = None,
     layer_axes: Any = None,
     precondition: Any = None,
+    base_width: int | None = None,
     mu_dtype: Any = None,
     preconditioner_dtype: Any = jnp.float32,
     cut_at_shards: bool = False,
@@ -483,7 +514,8 @@ def scale_by_shampoo(
       into blocks, adjacent small dims of rank >= 3 tensors are merged.
     b1: momentum decay in ``[0, 1)``; 0 disables momentum.
     b2: decay of the statistics; 1.0 accumulates plain sums (the paper).
-    matrix_eps: ridge :math:`\epsilon`, relative to the largest eigenvalue.
+    matrix_eps: :math:`\epsilon` of the statistics' roots, used as
+      ``matrix_eps_mode`` says.
     graft: grafted optimizer, one of ``"adam"``, ``"rmsprop"``,
       ``"adagrad"``, ``"sgd"``, their ``"*_normalized"`` variants, or
       ``"none"`` (Shampoo's own step size; diagonal units then get the plain
@@ -503,12 +535,28 @@ def scale_by_shampoo(
       stalls.
     root_method: ``"eigh"``, ``"newton"`` (coupled Newton iteration) or
       ``"auto"`` (the faster on the current backend).
-    exponent_override: use :math:`S^{-1/p}` with this ``p`` for every factor.
+    matrix_eps_mode: how ``matrix_eps`` regularizes a root:
+      ``"relative"``, the ridge :math:`\epsilon \lambda_{max}(S)` (the
+      paper's, scale-free); ``"absolute"``, the ridge :math:`\epsilon`;
+      ``"pseudo_inverse"``, no ridge, the eigenvalues at or below
+      :math:`\epsilon \lambda_{max}(S)` dropped (the root is zero on
+      directions the statistics have not seen, rather than
+      :math:`(\epsilon \lambda_{max})^{-1/p}`, which a rank-deficient block's
+      statistics otherwise amplify most; needs ``root_method`` ``"eigh"``
+      or ``"auto"``).
+    exponent_override: ``p`` of :math:`S^{-1/p}` instead of ``2k``: an
+      int for every factor, or a dict ``{k: p}`` by the number ``k`` of
+      factored axes of a block (``{2: 2}``: ``-1/2`` per side of a matrix,
+      arXiv 2506.03595; orders not listed keep ``2k``).
     nesterov: Nesterov momentum.
     heavy_ball: ``m = b1 m + u`` instead of the (bias-corrected) average
       ``m = b1 m + (1 - b1) u``.
-    max_precondition_dim: units with a dim above this (e.g. embedding
-      tables) get only the grafted (diagonal) optimizer.
+    max_precondition_dim: largest statistics side. An axis whose blocks'
+      side ``min(dim, block_size)`` is above this gets no factor (identity
+      on that side: one-sided, with ``p = 2`` for a matrix); a unit with no
+      factored axis gets only the grafted (diagonal) optimizer. With
+      ``block_size <= max_precondition_dim`` every matrix is factored on
+      both sides, in blocks.
     max_root_error: a new root whose error
       :math:`\max|X^p \hat S - I|` exceeds this (or is not finite) is
       rejected and the previous root kept.
@@ -530,6 +578,15 @@ def scale_by_shampoo(
       of bools, or a callable of the params returning one. The others get
       the grafted optimizer alone (e.g. embeddings and the output head on
       Adam, ``precondition=shampoo_optax.hidden_matrices()``).
+    base_width: width-aware scaling, for one learning rate across widths
+      (sweep a narrow model, train a wide one with the same value): every
+      block of a preconditioned unit is rescaled to RMS
+      ``base_width / width``, the unit's width being the square root of its
+      size (``d`` for a ``d x d`` matrix), replacing grafting for them;
+      `shampoo` then also scales their weight decay by
+      ``base_width / width``. Set it to the width (``d_model``) of the
+      model the learning rate was tuned on; ``None``: off. See
+      `shampoo_optax._stages.width_normalized` (arXiv 2512.05620).
     mu_dtype: dtype of the momentum; ``None`` uses the parameters' dtype.
     preconditioner_dtype: storage dtype of the inverse roots (e.g.
       ``jnp.bfloat16`` halves them); the statistics are always float32.
@@ -574,9 +631,11 @@ def scale_by_shampoo(
     roots, refreshed_at, errors, rejected = _refresh_roots(
         layout, stats, state.preconditioners, state.refreshed_at, phases,
         count, floats, root_method=options.root_method,
+        regularization=options.matrix_eps_mode,
         num_phases=(options.precondition_every
                     if options.refresh == "staggered" else 1))
-    preconditioned = _precondition(layout, grads, roots, use_shampoo)
+    preconditioned = _precondition(layout, grads, roots, use_shampoo,
+                                   options.base_width)
 
     # Without skip_nonfinite, `finite` is a constant True and the selects
     # below fold away.
@@ -585,7 +644,7 @@ def scale_by_shampoo(
         options.graft, grads.stacked, accumulators, step, floats.graft_b2,
         floats.graft_eps)
     directions = _graft(layout.plan, grafted.direction, preconditioned,
-                        use_shampoo, options.graft)
+                        use_shampoo, options.graft, options.base_width)
     if mus is not None:
       directions, new_mus = _momentum(
           directions, mus, step, floats.b1, nesterov=options.nesterov,
@@ -631,7 +690,8 @@ def shampoo(
     start_preconditioning_step: int = 1,
     refresh: str = "all",
     root_method: str = "auto",
-    exponent_override: int | None = None,
+    matrix_eps_mode: str = "relative",
+    exponent_override: int | dict[int, int] | None = None,
     nesterov: bool = False,
     heavy_ball: bool = False,
     max_precondition_dim: int = 4096,
@@ -640,6 +700,7 @@ def shampoo(
     shard_axes: _sharding.ShardAxes = None,
     layer_axes: Any = None,
     precondition: Any = None,
+    base_width: int | None = None,
     mu_dtype: Any = None,
     preconditioner_dtype: Any = jnp.float32,
     weight_decay: float = 1e-4,
@@ -661,13 +722,15 @@ def shampoo(
     learning_rate: float or ``optax.Schedule``.
     block_size, b1, b2, matrix_eps, graft, graft_eps, graft_b2,
       precondition_every, statistics_every, start_preconditioning_step,
-      refresh, root_method, exponent_override, nesterov, heavy_ball,
+      refresh, root_method, matrix_eps_mode, exponent_override, nesterov, heavy_ball,
       max_precondition_dim, max_root_error, skip_nonfinite, shard_axes,
-      layer_axes, precondition, mu_dtype, preconditioner_dtype,
+      layer_axes, precondition, base_width, mu_dtype, preconditioner_dtype,
       cut_at_shards: see `scale_by_shampoo`.
     weight_decay: decoupled weight decay :math:`\lambda`; the default is
       ``optax.adamw``'s, so that swapping one for the other changes only
-      the direction.
+      the direction. With ``base_width``, preconditioned leaves get
+      :math:`\lambda \cdot` ``base_width / width`` (weight decay as
+      1/width, arXiv 2512.05620).
     mask: where to apply weight decay.
 
   Returns:
@@ -688,6 +751,7 @@ def shampoo(
           start_preconditioning_step=start_preconditioning_step,
           refresh=refresh,
           root_method=root_method,
+          matrix_eps_mode=matrix_eps_mode,
           exponent_override=exponent_override,
           nesterov=nesterov,
           heavy_ball=heavy_ball,
@@ -697,7 +761,12 @@ def shampoo(
           shard_axes=shard_axes,
           layer_axes=layer_axes,
           precondition=precondition,
+          base_width=base_width,
           mu_dtype=mu_dtype,
           preconditioner_dtype=preconditioner_dtype,
           cut_at_shards=cut_at_shards,
-      ), learning_rate, weight_decay, mask, skip_nonfinite)
+      ), learning_rate, weight_decay, mask, skip_nonfinite,
+      _stages.width_decay_scales(
+          base_width, transform="shampoo", layer_axes=layer_axes,
+          precondition=precondition, block_size=block_size,
+          max_precondition_dim=max_precondition_dim))

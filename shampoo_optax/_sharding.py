@@ -259,17 +259,17 @@ def layout_batch_shape(factor, batch_spec) -> tuple[int, ...]:
   return (-(-factor.count // k) * k,)
 
 
-def to_layout(x: jax.Array, batch_shape, layout_batch,
-              fill=0) -> jax.Array:
+def to_layout(x: jax.Array, batch_shape, layout_batch, fill=0,
+              xp=jnp) -> jax.Array:
   """``[*batch_shape, ...]`` in the layout ``layout_batch`` (see `is_rows`).
 
   Rows are the batch axes flattened, then rows of ``fill`` up to
-  ``layout_batch[0]``.
+  ``layout_batch[0]``. ``xp``: `jax.numpy`, or `numpy` for a host array.
   """
   if tuple(layout_batch) == tuple(batch_shape):
     return x
   rows = x.reshape((-1,) + x.shape[len(batch_shape):])
-  return jnp.pad(rows, [(0, layout_batch[0] - rows.shape[0])]
+  return xp.pad(rows, [(0, layout_batch[0] - rows.shape[0])]
                  + [(0, 0)] * (rows.ndim - 1), constant_values=fill)
 
 

@@ -92,6 +92,7 @@ SOAP_STATIC_OPTIONS = (
     "shard_axes",
     "layer_axes",
     "precondition",
+    "base_width",
     "basis_dtype",
     "cut_at_shards",
     "mask",
@@ -260,7 +261,7 @@ def _permuted(layout, key, block, orders) -> jax.Array:
 
 
 def _rotated_adam(layout, grads, old_mu, mus, nus, bases, count,
-                  floats: _Floats):
+                  floats: _Floats, base_width):
   """Adam's directions per family, in the bases of preconditioned blocks.
 
   ``mus``: the new first moments. Returns the directions ``{family: [units,
@@ -294,6 +295,9 @@ def _rotated_adam(layout, grads, old_mu, mus, nus, bases, count,
     rotated[key] = _stages.multiplied(
         layout, key, (moment / bc(b1, adam_step))
         / (jnp.sqrt(nu / bc(b2, adam_step)) + eps), lambda i: bases[i])
+    if base_width is not None:
+      rotated[key] = _stages.width_normalized(layout, key, rotated[key],
+                                              base_width)
   for f, direction in _stages.families_of(layout, rotated).items():
     directions[f] = jnp.where(first, 0.0, direction)
   return directions, nus
@@ -380,6 +384,7 @@ class _Options(NamedTuple):
   shard_axes: Any
   layer_axes: Any
   precondition: Any
+  base_width: int | None
   basis_dtype: Any
   cut_at_shards: bool
 
@@ -389,6 +394,9 @@ def _checked(b1, b2, eps, shampoo_beta, **static) -> _Options:
   for name in ("block_size", "precondition_every", "max_precondition_dim"):
     static[name] = _options.static_int(name, static[name], 1,
                                        static_options="SOAP_STATIC_OPTIONS")
+  static["base_width"] = _options.static_int(
+      "base_width", static["base_width"], 1, allow_none=True,
+      static_options="SOAP_STATIC_OPTIONS")
   _options.check_range("b1", b1, 0.0, 1.0, high_open=True)
   _options.check_range("b2", b2, 0.0, 1.0)
   _options.check_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
@@ -413,6 +421,7 @@ def scale_by_soap(
     shard_axes: _sharding.ShardAxes = None,
     layer_axes: Any = None,
     precondition: Any = None,
+    base_width: int | None = None,
     basis_dtype: Any = jnp.float32,
     cut_at_shards: bool = False,
 ) -> optax.GradientTransformation:
@@ -451,8 +460,11 @@ def scale_by_soap(
     :math:`V` along axis :math:`i` follow their basis vectors through the
     sort; otherwise :math:`V` is kept as it is.
 
-  Scalars, vectors and units with a dim above ``max_precondition_dim`` get
-  plain Adam from step 0 (``optax.scale_by_adam``). The result has the
+  An axis whose blocks' side ``min(dim, block_size)`` is above
+  ``max_precondition_dim`` gets no basis (it stays in the coordinate basis:
+  one-sided, as the authors do for large dims); scalars, vectors and units
+  with no such axis left get plain Adam from step 0
+  (``optax.scale_by_adam``). The result has the
   gradient's sign.
 
   Args:
@@ -468,8 +480,7 @@ def scale_by_soap(
     shampoo_beta: decay :math:`\beta_s` of the statistics, in ``[0, 1]``
       (1 sums).
     precondition_every: steps :math:`f` between basis refreshes.
-    max_precondition_dim: units with a (merged) dim above this get plain
-      Adam.
+    max_precondition_dim: largest basis side; see `scale_by_shampoo`.
     skip_nonfinite: when any gradient is NaN/Inf (or its squares overflow),
       return a zero update and leave the state unchanged (counted in
       ``diagnostics.nonfinite_steps``).
@@ -482,6 +493,8 @@ def scale_by_soap(
       of bools, or a callable of the params returning one. The others get
       plain Adam (e.g. embeddings and the output head,
       ``precondition=shampoo_optax.hidden_matrices()``).
+    base_width: width-aware scaling: each block of a preconditioned unit at
+      RMS ``base_width / width``; see `scale_by_shampoo`.
     basis_dtype: storage dtype of the bases (computed in float32).
     cut_at_shards: cut blocks at the parameters' shard boundaries; see
       `scale_by_shampoo`.
@@ -511,7 +524,7 @@ def scale_by_soap(
            for f, (old, g) in enumerate(zip(old_mu, grads.stacked))]
     old_nu, per_leaf_nu = _second_moments(layout, state.nu)
     directions, nus = _rotated_adam(layout, grads, old_mu, mus, dict(old_nu),
-                                    bases, count, floats)
+                                    bases, count, floats, options.base_width)
     # Step 0 only sets up the bases: preconditioned blocks keep M = 0.
     mus = [jnp.where(count == 0, old, m) if fam.preconditioned else m
            for fam, old, m in zip(layout.plan.families, old_mu, mus)]
@@ -560,6 +573,7 @@ def soap(
     shard_axes: _sharding.ShardAxes = None,
     layer_axes: Any = None,
     precondition: Any = None,
+    base_width: int | None = None,
     basis_dtype: Any = jnp.float32,
     weight_decay: float = 1e-4,
     mask: Any = None,
@@ -580,10 +594,12 @@ def soap(
     learning_rate: float or ``optax.Schedule``.
     block_size, b1, b2, eps, shampoo_beta, precondition_every,
       max_precondition_dim, skip_nonfinite, shard_axes, layer_axes,
-      precondition, basis_dtype, cut_at_shards: see `scale_by_soap`.
+      precondition, base_width, basis_dtype, cut_at_shards: see
+      `scale_by_soap`.
     weight_decay: decoupled weight decay :math:`\lambda`; the default is
       ``optax.adamw``'s, so that swapping one for the other changes only
-      the direction.
+      the direction. With ``base_width``, preconditioned leaves get
+      :math:`\lambda \cdot` ``base_width / width``.
     mask: where to apply weight decay.
 
   Returns:
@@ -603,6 +619,11 @@ def soap(
           shard_axes=shard_axes,
           layer_axes=layer_axes,
           precondition=precondition,
+          base_width=base_width,
           basis_dtype=basis_dtype,
           cut_at_shards=cut_at_shards,
-      ), learning_rate, weight_decay, mask, skip_nonfinite)
+      ), learning_rate, weight_decay, mask, skip_nonfinite,
+      _stages.width_decay_scales(
+          base_width, transform="soap", layer_axes=layer_axes,
+          precondition=precondition, block_size=block_size,
+          max_precondition_dim=max_precondition_dim))

@@ -475,6 +475,39 @@ def multiplied(layout: Layout, key, block, matrices) -> jax.Array:
   return block
 
 
+def width_scale(family, base_width) -> float:
+  """``base_width / width`` of a preconditioned family's units.
+
+  A unit's width is the square root of its number of entries: the geometric
+  mean of its fan-in and fan-out, ``d`` for a ``d x d`` matrix, ``2d`` for a
+  ``[d, 4d]`` MLP kernel, ``d`` for Flax's ``[d, heads, head_dim]``
+  attention kernels however their axes are split (stacked layers' axes are
+  not part of a unit).
+  """
+  return base_width / math.sqrt(math.prod(family.shape))
+
+
+def width_normalized(layout: Layout, key, block, base_width) -> jax.Array:
+  r"""Every block of piece ``key`` at RMS ``base_width / width``.
+
+  .. math:: D_b \leftarrow \frac{b}{n} \frac{D_b}{\mathrm{rms}(D_b)}
+
+  per block :math:`D_b` (zero stays zero), with :math:`b` = ``base_width``
+  and :math:`n` the unit's width (`width_scale`). Hidden weights then move
+  by ``1 / width`` per entry, as muP prescribes for Adam-like updates
+  (arXiv 2310.17813), enforced per block as arXiv 2512.05620 finds
+  necessary for Shampoo and SOAP to keep their best learning rate as width
+  grows (their explicit normalization; a block's shape does not grow with
+  width, so its RMS fixes its spectral norm up to a constant).
+  """
+  nbatch = len(layout.specs[layout.plan.factors_of(*key)[0][0]])
+  rms = jnp.sqrt(jnp.mean(jnp.square(block), axis=tuple(
+      range(nbatch, block.ndim)), keepdims=True))
+  scale = width_scale(layout.plan.families[key[0]], base_width)
+  return block * jnp.where(rms > 0, scale / jnp.where(rms > 0, rms, 1.0),
+                           0.0)
+
+
 # ---------------------------------------------------------------------------
 # Rows: the batch of matrices a device computes on.
 
@@ -617,16 +650,63 @@ def check_dtypes(transform: str, fields) -> None:
 # The optax alias.
 
 
+def width_decay_scales(base_width, **plan_options):
+  """Params -> per-leaf weight-decay factors: `width_scale` on matrices.
+
+  ``plan_options``: those of `plan_of` that shape the families.
+  """
+  if base_width is None:
+    return None
+
+  def scales(params):
+    plan, _, _, treedef = plan_of(params, **plan_options)
+    return treedef.unflatten([
+        width_scale(fam, base_width) if fam.preconditioned else 1.0
+        for fam in (plan.families[f] for f in plan.family_of_leaf)])
+
+  return scales
+
+
+def _add_scaled_decay(weight_decay, scales,
+                      mask) -> optax.GradientTransformation:
+  """``u + weight_decay * scale * w`` where ``mask``; ``scale`` per leaf.
+
+  Like ``optax.add_decayed_weights(weight_decay, mask)``, with the factors
+  of ``scales(params)`` (computed on all the params, so that masked-out
+  leaves do not change the plan).
+  """
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("weight decay needs the params: call"
+                       " update(updates, state, params).")
+    factors = scales(params)
+    if mask is not None:
+      where = mask(params) if callable(mask) else mask
+      factors = jax.tree.map(lambda f, m: f if m else 0.0, factors, where)
+    return jax.tree.map(lambda u, f, w: u + weight_decay * f * w, updates,
+                        factors, params), state
+
+  return optax.GradientTransformation(
+      lambda params: optax.EmptyState(), update_fn)
+
+
 def with_weight_decay(tx, learning_rate, weight_decay, mask,
-                      skip_nonfinite: bool) -> optax.GradientTransformation:
+                      skip_nonfinite: bool,
+                      decay_scales=None) -> optax.GradientTransformation:
   r"""``w <- w - lr_t (D_t + weight_decay w)`` from ``tx``'s direction D.
 
-  With ``skip_nonfinite``, a step ``tx`` skipped (its state's
+  ``decay_scales``: a callable of the params returning a factor per leaf
+  for ``weight_decay`` (`width_decay_scales`), or ``None``. With
+  ``skip_nonfinite``, a step ``tx`` skipped (its state's
   ``diagnostics.nonfinite_steps`` moved) is a no-op for the whole chain: no
   weight decay, and the learning-rate schedule does not advance.
   """
-  chain = optax.chain(tx, optax.add_decayed_weights(weight_decay, mask),
-                      optax.scale_by_learning_rate(learning_rate))
+  if decay_scales is None:
+    decay = optax.add_decayed_weights(weight_decay, mask)
+  else:
+    decay = _add_scaled_decay(weight_decay, decay_scales, mask)
+  chain = optax.chain(tx, decay, optax.scale_by_learning_rate(learning_rate))
   if not skip_nonfinite:
     return chain
 

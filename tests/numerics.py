@@ -53,12 +53,21 @@ def run_updates(tx, grads, params=None, state=None):
   return outs, state
 
 
-def np_inv_root(stat, p, eps):
-  """Float64 ``(S + eps * lambda_max(S) I)^(-1/p)``; identity for S = 0."""
+def np_inv_root(stat, p, eps, mode="relative"):
+  """Float64 inverse p-th root of ``S``; identity for S = 0.
+
+  ``mode``: ``"relative"``, ``(S + eps lambda_max I)^(-1/p)``;
+  ``"absolute"``, ``(S + eps I)^(-1/p)``; ``"pseudo_inverse"``, the root of
+  the eigenvalues above ``eps lambda_max``, zero elsewhere.
+  """
   w, v = np.linalg.eigh(stat.astype(np.float64))
   if w.max() <= 0:
     return np.eye(len(stat))
-  w = np.maximum(w, 0) + eps * w.max()
+  if mode == "pseudo_inverse":
+    kept = w > eps * w.max()
+    inv = np.where(kept, np.where(kept, w, 1.0) ** (-1.0 / p), 0.0)
+    return (v * inv) @ v.T
+  w = np.maximum(w, 0) + (eps if mode == "absolute" else eps * w.max())
   return (v * w ** (-1.0 / p)) @ v.T
 
 
@@ -75,38 +84,51 @@ def unfold_gram(x, axis):
 class NumpyShampoo:
   """Blocked Shampoo on one tensor in float64, written from the paper."""
 
-  def __init__(self, block_shape, b2=1.0, eps=1e-6, p=None, spans=None):
+  def __init__(self, block_shape, b2=1.0, eps=1e-6, p=None, spans=None,
+               factored=None, eps_mode="relative"):
     """``spans``: per axis, the number of equal spans it is first cut into
-    (each blocked on its own, as ``cut_at_shards`` does); default 1."""
+    (each blocked on its own, as ``cut_at_shards`` does); default 1.
+    ``factored``: per axis, whether it gets a factor (default all); an axis
+    without one is not cut and not preconditioned. ``p``: an int, or a dict
+    by the number ``k`` of factored axes; default ``2k``."""
     self.block_shape, self.b2, self.eps, self.p = block_shape, b2, eps, p
-    self.spans = spans
-    self.stats = {}
+    self.spans, self.factored, self.eps_mode = spans, factored, eps_mode
+    self.stats, self.roots = {}, {}
 
   def blocks(self, shape):
     spans = self.spans or (1,) * len(shape)
     ranges = [
         [(s, min(s + b, e)) for e in range(d // c, d + 1, d // c)
          for s in range(e - d // c, e, b)]
-        for d, b, c in zip(shape, self.block_shape, spans)
+        for d, b, c, f in zip(shape, self.block_shape, spans,
+                              self.factored or (True,) * len(shape))
+        for b in [b if f else d]
     ]
     return [tuple(slice(*r) for r in combo)
             for combo in np.ndindex(*[len(r) for r in ranges])
             for combo in [tuple(ranges[i][c] for i, c in enumerate(combo))]]
 
   def update(self, g, refresh=True):
+    """The direction for ``g``; ``refresh=False`` keeps the last roots."""
     out = np.zeros_like(g, dtype=np.float64)
-    p = self.p or 2 * g.ndim
+    axes = [a for a, f in enumerate(self.factored or (True,) * g.ndim) if f]
+    p = self.p or 2 * len(axes)
+    if isinstance(p, dict):
+      p = p.get(len(axes), 2 * len(axes))
     for idx in self.blocks(g.shape):
       block = g[idx].astype(np.float64)
       key = tuple((s.start, s.stop) for s in idx)
       stats = self.stats.setdefault(
-          key, [np.zeros((n, n)) for n in block.shape])
-      for axis in range(block.ndim):
+          key, {a: np.zeros((block.shape[a],) * 2) for a in axes})
+      for axis in axes:
         gram = unfold_gram(block, axis)
         stats[axis] = (stats[axis] + gram if self.b2 == 1.0
                        else self.b2 * stats[axis] + (1 - self.b2) * gram)
+      if refresh or key not in self.roots:
+        self.roots[key] = {a: np_inv_root(stats[a], p, self.eps,
+                                          self.eps_mode) for a in axes}
       d = block
-      for axis in range(block.ndim):
-        d = mode_product(d, np_inv_root(stats[axis], p, self.eps), axis)
+      for axis in axes:
+        d = mode_product(d, self.roots[key][axis], axis)
       out[idx] = d
     return out

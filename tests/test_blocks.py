@@ -39,7 +39,8 @@ def test_routing_and_families():
             (3, 3, 2, 4), (784, 512), (512,))
   plan = plan_of(shapes)
   kinds = [plan.families[f].preconditioned for f in plan.family_of_leaf]
-  assert kinds == [True, False, False, False, False, False, True, True, False]
+  # (10000, 8): above max_dim, but its blocks of 128 are not.
+  assert kinds == [True, False, False, False, False, True, True, True, False]
   # Equal (merged) unit shapes share a family, in order of their first leaf.
   assert plan.family_of_leaf[0] == plan.family_of_leaf[7]
   assert plan.family_of_leaf[1] == plan.family_of_leaf[8]
@@ -52,6 +53,31 @@ def test_merging_never_exceeds_max_precondition_dim():
   plan = plan_of(((16, 4, 32),), block_size=256, max_dim=64)
   family = plan.families[0]
   assert family.preconditioned and family.shape == (64, 32)
+
+
+def test_sides_above_max_precondition_dim_get_no_factor():
+  # Blocks of 8192 > max dim 4096: a vocabulary-sized side is neither cut
+  # nor factored (one-sided, p = 2); with both sides above, diagonal.
+  plan = plan_of(((50000, 768), (768, 3072), (5000, 6000)), block_size=8192)
+  one_sided, two_sided, diagonal = (plan.families[f]
+                                    for f in plan.family_of_leaf)
+  assert [p.block for p in one_sided.pieces] == [(50000, 768)]
+  assert [(f.axis, f.dim, f.exponent) for _, f in plan.factors_of(0)] == [
+      (1, 768, 2)]
+  assert [(f.axis, f.exponent) for _, f in plan.factors_of(1)] == [
+      (0, 4), (1, 4)]
+  assert not diagonal.preconditioned
+  # The default blocks of 128 factor every side of every one of them.
+  plan = plan_of(((50000, 768), (5000, 6000)))
+  assert all(f.preconditioned for f in plan.families)
+  assert {f.exponent for f in plan.factors} == {4}
+
+
+def test_exponent_of():
+  assert _blocks.exponent_of(None, 2) == 4
+  assert _blocks.exponent_of(3, 2) == 3
+  assert _blocks.exponent_of(((2, 2),), 2) == 2
+  assert _blocks.exponent_of(((2, 2),), 3) == 6
 
 
 def test_pieces_and_factors():

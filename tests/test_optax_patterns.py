@@ -25,12 +25,22 @@ def _scaled(scale_by, learning_rate):
   return optax.chain(scale_by(), optax.scale_by_learning_rate(learning_rate))
 
 
+# The options that change the plan or the math (matrices for hidden
+# weights only, one-sided factors above 6, pseudo-inverse roots, -1/2 per
+# side of matrices, width-aware scaling), all at once.
+INGREDIENTS = dict(precondition=shampoo_optax.hidden_matrices(),
+                   max_precondition_dim=6, base_width=4)
+
 OPTIMIZERS = {
     "shampoo": shampoo_optax.shampoo,
     "soap": shampoo_optax.soap,
     "scale_by_shampoo": functools.partial(_scaled,
                                           shampoo_optax.scale_by_shampoo),
     "scale_by_soap": functools.partial(_scaled, shampoo_optax.scale_by_soap),
+    "shampoo_ingredients": functools.partial(
+        shampoo_optax.shampoo, matrix_eps_mode="pseudo_inverse",
+        exponent_override={2: 2}, **INGREDIENTS),
+    "soap_ingredients": functools.partial(shampoo_optax.soap, **INGREDIENTS),
 }
 
 
@@ -112,7 +122,7 @@ def test_multi_steps_and_inject_hyperparams(name):
   static = (shampoo_optax.STATIC_OPTIONS if "shampoo" in name
             else shampoo_optax.SOAP_STATIC_OPTIONS)
   injected = optax.inject_hyperparams(
-      make, static_args=static if name in ("shampoo", "soap") else ())(
+      make, static_args=() if name.startswith("scale_by") else static)(
           learning_rate=1e-3)
   state = injected.init(params)
   updates, _ = jax.jit(injected.update)(grads, state, params)

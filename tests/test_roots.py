@@ -323,12 +323,56 @@ def test_default_root_method():
      (dict(p=True), "p"), (dict(ridge_epsilon=-1e-6), "ridge_epsilon"),
      (dict(max_iterations=0), "max_iterations"),
      (dict(tolerance=-1.0), "tolerance"),
+     (dict(regularization="ridge"), "regularization"),
+     (dict(regularization="pseudo_inverse", method="newton"), "eigh"),
      (dict(matrix=np.ones((3, 4), np.float32)), "matrix"),
      (dict(matrix=np.ones((3,), np.float32)), "matrix")])
 def test_bad_arguments_raise_value_error(kwargs, argument):
   kwargs = dict(dict(matrix=np.eye(3, dtype=np.float32), p=2), **kwargs)
   with pytest.raises(ValueError, match=argument):
     _roots.inverse_pth_root(kwargs.pop("matrix"), kwargs.pop("p"), **kwargs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("scale", [1e-12, 1.0, 1e8])
+@pytest.mark.parametrize("p", [2, 4])
+def test_absolute_ridge_matches_float64_reference(method, scale, p):
+  # The ridge does not scale with the matrix: 1e-3 against eigenvalues
+  # from 1e-4 * scale to 10 * scale.
+  matrix = scale * _spd(np.random.default_rng(11), 16, cond=1e5)
+  result = _roots.inverse_pth_root(matrix, p, method=method,
+                                   ridge_epsilon=1e-3,
+                                   regularization="absolute")
+  w, v = _eigh64(matrix)
+  reference = (v * (np.maximum(w, 0) + 1e-3) ** (-1.0 / p)) @ v.T
+  assert _relative_error(result.root, reference) < 1e-3
+  assert 0 <= result.error < ERROR_THRESHOLD
+  relative, _ = _reference(matrix, p, 1e-3)
+  assert _relative_error(result.root, relative) > 1e-2 or scale == 1.0
+
+
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_pseudo_inverse_root_drops_the_null_space(p):
+  # Rank 5 of 12, kept eigenvalues down to 0.08 of the top: the root is
+  # zero on the null space and exact elsewhere, and its error (measured
+  # against the projector) is small although the matrix is singular.
+  matrix = _spd(np.random.default_rng(12), 12, cond=1e3, rank=5)
+  result = _roots.inverse_pth_root(matrix, p, ridge_epsilon=1e-6,
+                                   regularization="pseudo_inverse")
+  w, v = _eigh64(matrix)
+  kept = w > 1e-6 * w.max()
+  assert kept.sum() == 5
+  reference = (v[:, kept] * w[kept] ** (-1.0 / p)) @ v[:, kept].T
+  assert _relative_error(result.root, reference) < 1e-3
+  assert 0 <= result.error < ERROR_THRESHOLD
+  # A ridge instead puts (eps lambda_max)^(-1/p) on the null space.
+  with_ridge = _roots.inverse_pth_root(matrix, p, method="eigh",
+                                       ridge_epsilon=1e-6)
+  assert _relative_error(with_ridge.root, reference) > 1.0
+  # A threshold above the smallest kept eigenvalue drops it too.
+  coarse = _roots.inverse_pth_root(matrix, p, ridge_epsilon=0.1,
+                                   regularization="pseudo_inverse")
+  assert _relative_error(coarse.root, reference) > 0.1
 
 
 def test_root_error_bad_arguments():

@@ -104,6 +104,93 @@ def test_exponent_override():
     assert rel_err(u, ref.update(np.asarray(g))) < 1e-3
 
 
+@pytest.mark.parametrize("shape,block_size,factored", [
+    ((40, 6), 64, (False, True)),           # a matrix: one side, p = 2
+    ((3, 40, 5), 64, (True, False, True)),  # rank 3, middle unfactored: p = 4
+    ((40, 100), 30, (False, False)),        # every side above 16: diagonal
+])
+def test_dims_above_max_precondition_dim_get_no_factor(shape, block_size,
+                                                       factored):
+  # max_precondition_dim=16 applies to the blocks' sides min(dim, block):
+  # with block_size 30 > 16 every side of (40, 100) is above it (diagonal),
+  # while with block 64 only the sides of 40 are.
+  grads = random_grads(shape, steps=3, seed=4)
+  tx = shampoo_optax.scale_by_shampoo(block_size=block_size,
+                                      max_precondition_dim=16, **PAPER)
+  ours, state = run(tx, grads)
+  if block_size == 30:
+    assert not state.stats  # no side is factored: the plain gradient
+    for g, u in zip(grads, ours):
+      assert_close(u, g, rtol=1e-6)
+    return
+  assert len(state.stats) == sum(factored)
+  ref = NumpyShampoo((block_size,) * len(shape), factored=factored)
+  for g, u in zip(grads, ours):
+    assert rel_err(u, ref.update(np.asarray(g))) < 5e-5
+  # The two-sided p = 2k of the old rule would be far off.
+  two_sided = NumpyShampoo((block_size,) * len(shape), factored=factored,
+                           p=2 * len(shape))
+  for g in grads:
+    wrong = two_sided.update(np.asarray(g))
+  assert rel_err(ours[-1], wrong) > 0.1
+
+
+def test_large_dims_are_blocked_when_blocks_fit():
+  # A 300-long dim above max_precondition_dim=64 is cut into blocks of 32:
+  # both sides factored (the rule used to leave the whole leaf diagonal).
+  grads = random_grads((300, 8), steps=2, seed=5)
+  ours, state = run(shampoo_optax.scale_by_shampoo(
+      block_size=32, max_precondition_dim=64, **PAPER), grads)
+  assert len(state.stats) == 4  # two pieces (full and remainder), two sides
+  ref = NumpyShampoo((32, 32))
+  for g, u in zip(grads, ours):
+    assert rel_err(u, ref.update(np.asarray(g))) < 5e-5
+
+
+def test_exponent_by_number_of_factored_axes():
+  # {2: 2}: -1/2 per side of matrices; a rank-3 tensor keeps p = 6.
+  rng = np.random.default_rng(6)
+  shapes = {"m": (6, 9), "t": (3, 4, 5)}
+  grads = [{k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+            for k, s in shapes.items()} for _ in range(3)]
+  ours, state = run(shampoo_optax.scale_by_shampoo(
+      block_size=8, exponent_override={2: 2}, **{**PAPER, "b2": 0.9}), grads)
+  refs = {"m": NumpyShampoo((8, 8), b2=0.9, p={2: 2}),
+          "t": NumpyShampoo((8, 8, 8), b2=0.9, p={2: 2})}
+  for g, u in zip(grads, ours):
+    for k, ref in refs.items():
+      # p = 2 amplifies round-off in the singular first statistics (see
+      # test_exponent_override).
+      assert rel_err(u[k], ref.update(np.asarray(g[k]))) < 1e-3, k
+  assert rel_err(ours[-1]["m"], NumpyShampoo((8, 8), b2=0.9).update(
+      np.asarray(grads[-1]["m"]))) > 0.1
+
+
+@pytest.mark.parametrize("mode,eps", [("absolute", 1e-3),
+                                      ("pseudo_inverse", 1e-4),
+                                      ("relative", 1e-3)])
+def test_matrix_eps_modes_against_numpy(mode, eps):
+  # The first gradient has rank 2, so the roots computed from it (kept for
+  # the next step, precondition_every=2) are regularized on a null space
+  # that the second gradient then has components in.
+  rng = np.random.default_rng(7)
+  grads = [jnp.asarray(rng.standard_normal((6, 2)) @ rng.standard_normal(
+      (2, 9)), jnp.float32)] + random_grads((6, 9), steps=3, seed=8)
+  ours, state = run(shampoo_optax.scale_by_shampoo(
+      block_size=16, matrix_eps=eps, matrix_eps_mode=mode,
+      **{**PAPER, "precondition_every": 2}), grads)
+  assert int(state.diagnostics.root_failures) == 0
+  refs = {m: NumpyShampoo((16, 16), eps=eps, eps_mode=m)
+          for m in ("absolute", "pseudo_inverse", "relative")}
+  for t, (g, u) in enumerate(zip(grads, ours)):
+    expected = {m: r.update(np.asarray(g), refresh=t % 2 == 0)
+                for m, r in refs.items()}
+    assert rel_err(u, expected[mode]) < 1e-3, t
+    if t == 1:  # Each mode is far from the others on the stale roots.
+      for m in refs:
+        assert m == mode or rel_err(u, expected[m]) > 0.05, m
+
+
 def test_tree_with_vectors_and_multiple_layers():
   """Every leaf is handled; vectors get the grafted direction alone."""
   rng = np.random.default_rng(3)
@@ -323,6 +410,11 @@ def test_state_types_stable_and_jittable():
         (dict(statistics_every=0), "statistics_every"),
         (dict(start_preconditioning_step=-1), "start_preconditioning_step"),
         (dict(exponent_override=0), "exponent_override"),
+        (dict(exponent_override={2: 0}), "exponent_override[2]"),
+        (dict(exponent_override={0: 2}), "exponent_override key"),
+        (dict(matrix_eps_mode="ridge"), "matrix_eps_mode"),
+        (dict(matrix_eps_mode="pseudo_inverse", root_method="newton"),
+         "root_method='eigh'"),
         (dict(nesterov="yes"), "nesterov"),
         (dict(cut_at_shards="rows"), "cut_at_shards must be True or False"),
         (dict(max_root_error=-1.0), "max_root_error"),

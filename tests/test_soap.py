@@ -30,9 +30,12 @@ def gram(x, axis):
   return np.tensordot(x, x, axes=(rest, rest))
 
 
-def block_slices(shape, block_size):
-  ranges = [[slice(s, min(s + block_size, d)) for s in range(0, d, block_size)]
-            for d in shape]
+def block_slices(shape, block_size, factored=None):
+  """Blocks of ``block_size``; an axis without a factor is not cut."""
+  sides = [block_size if f else d
+           for d, f in zip(shape, factored or (True,) * len(shape))]
+  ranges = [[slice(s, min(s + b, d)) for s in range(0, d, b)]
+            for d, b in zip(shape, sides)]
   return list(itertools.product(*ranges))
 
 
@@ -45,12 +48,14 @@ class NumpySoap:
 
   Step 0 only sets the bases, as the authors' implementation does; then Adam
   runs in the bases, refreshed by a sorted power-iteration step every
-  ``every`` steps.
+  ``every`` steps. An axis that ``factored`` marks False keeps the
+  coordinate basis (one-sided).
   """
 
   def __init__(self, block_size, every, b1, b2, eps, shampoo_beta,
-               initial_bases=None):
+               initial_bases=None, factored=None):
     self.block_size, self.every = block_size, every
+    self.factored = factored
     self.b1, self.b2, self.eps, self.beta = b1, b2, eps, shampoo_beta
     self.initial_bases = initial_bases
     self.t = 0
@@ -60,7 +65,8 @@ class NumpySoap:
     g = np.asarray(g, np.float64)
     out = np.zeros_like(g)
     t = self.t
-    for index in block_slices(g.shape, self.block_size):
+    factored = self.factored or (True,) * g.ndim
+    for index in block_slices(g.shape, self.block_size, factored):
       x = g[index]
       key = key_of(index)
       b = self.blocks.setdefault(key, dict(
@@ -72,7 +78,8 @@ class NumpySoap:
         if self.initial_bases is not None:
           b["Q"] = self.initial_bases[key]
         else:
-          b["Q"] = [np.linalg.eigh(s)[1][:, ::-1] for s in b["S"]]
+          b["Q"] = [np.linalg.eigh(s)[1][:, ::-1] if f else np.eye(len(s))
+                    for s, f in zip(b["S"], factored)]
         continue
       into = lambda y: rotate_all(y, [q.T for q in b["Q"]])
       b["M"] = self.b1 * b["M"] + (1 - self.b1) * x
@@ -83,6 +90,8 @@ class NumpySoap:
                                     b["Q"])
       if t % self.every == 0:
         for i, (s, q) in enumerate(zip(b["S"], b["Q"])):
+          if not factored[i]:
+            continue
           order = np.argsort(-np.diag(q.T @ s @ q), kind="stable")
           b["V"] = np.take(b["V"], order, axis=i)
           b["Q"][i] = np.linalg.qr(s @ q[:, order])[0]
@@ -171,8 +180,25 @@ def test_blocked_and_merged_against_numpy(shape, block_size, merged):
     assert_close(u, expected, rtol=2e-4, err_msg=f"step {t}")
 
 
+def test_sides_above_max_precondition_dim_keep_the_coordinate_basis():
+  # (40, 6), blocks of 64, max 16: only the 6-side gets a basis.
+  grads = random_grads((40, 6), steps=7, seed=3)
+  tx = _soap.scale_by_soap(block_size=64, precondition_every=3,
+                           max_precondition_dim=16, **OPTIONS)
+  ours, state = run(tx, grads)
+  assert [b.shape[-2:] for b in state.bases] == [(6, 6)]
+  ref = NumpySoap(64, every=3, factored=(False, True), **OPTIONS)
+  two_sided = NumpySoap(64, every=3, **OPTIONS)
+  for t, (g, u) in enumerate(zip(grads, ours)):
+    assert_close(u, ref.update(g), rtol=2e-4, err_msg=f"step {t}")
+    wrong = two_sided.update(g)
+  assert np.abs(np.asarray(ours[-1]) - wrong).max() > 1e-2
+
+
 def test_vectors_scalars_and_large_dims_get_plain_adam():
-  params = {"b": jnp.zeros(7), "s": jnp.zeros([]), "wide": jnp.zeros((3, 40))}
+  # Both sides of "wide" are above max_precondition_dim.
+  params = {"b": jnp.zeros(7), "s": jnp.zeros([]),
+            "wide": jnp.zeros((30, 40))}
   rng = np.random.default_rng(3)
   grads = [jax.tree.map(lambda p: jnp.asarray(
       rng.standard_normal(p.shape), jnp.float32), params) for _ in range(5)]

@@ -7,10 +7,11 @@ where ``L`` and ``R`` are accumulated Gram matrices. This module computes
 
 (or, by ``regularization``, an absolute ridge ``ridge_epsilon``, or the
 pseudo-inverse root that drops the eigenvalues below
-``ridge_epsilon * lambda_max(A)``) for a stack of matrices ``A`` of shape ``[..., n, n]`` in float32, together with
-the dimensionless error ``max_ij |X^p (A + ridge * I) - I|_ij`` (evaluated in
-a balanced form, see ``root_error``) that the optimizer uses to reject a bad
-root and keep the previous one.
+``ridge_epsilon * lambda_max(A)``) for a stack of matrices ``A`` of shape
+``[..., n, n]`` in float32, together with the dimensionless error
+``max_ij |X^p (A + ridge * I) - I|_ij`` (evaluated in a balanced form, see
+``root_error``) that the optimizer uses to reject a bad root and keep the
+previous one.
 
 Two methods are provided:
 

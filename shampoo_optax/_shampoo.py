@@ -546,8 +546,8 @@ def scale_by_shampoo(
       or ``"auto"``).
     exponent_override: ``p`` of :math:`S^{-1/p}` instead of ``2k``: an
       int for every factor, or a dict ``{k: p}`` by the number ``k`` of
-      factored axes of a block (``{2: 2}``: ``-1/2`` per side of a matrix,
-      arXiv 2506.03595; orders not listed keep ``2k``).
+      factored axes of a block (``{2: 2}``: ``-1/2`` per side of a matrix;
+      orders not listed keep ``2k``).
     nesterov: Nesterov momentum.
     heavy_ball: ``m = b1 m + u`` instead of the (bias-corrected) average
       ``m = b1 m + (1 - b1) u``.
@@ -722,10 +722,10 @@ def shampoo(
     learning_rate: float or ``optax.Schedule``.
     block_size, b1, b2, matrix_eps, graft, graft_eps, graft_b2,
       precondition_every, statistics_every, start_preconditioning_step,
-      refresh, root_method, matrix_eps_mode, exponent_override, nesterov, heavy_ball,
-      max_precondition_dim, max_root_error, skip_nonfinite, shard_axes,
-      layer_axes, precondition, base_width, mu_dtype, preconditioner_dtype,
-      cut_at_shards: see `scale_by_shampoo`.
+      refresh, root_method, matrix_eps_mode, exponent_override, nesterov,
+      heavy_ball, max_precondition_dim, max_root_error, skip_nonfinite,
+      shard_axes, layer_axes, precondition, base_width, mu_dtype,
+      preconditioner_dtype, cut_at_shards: see `scale_by_shampoo`.
     weight_decay: decoupled weight decay :math:`\lambda`; the default is
       ``optax.adamw``'s, so that swapping one for the other changes only
       the direction. With ``base_width``, preconditioned leaves get

@@ -463,7 +463,7 @@ def scale_by_soap(
   An axis whose blocks' side ``min(dim, block_size)`` is above
   ``max_precondition_dim`` gets no basis (it stays in the coordinate basis:
   one-sided, as the authors do for large dims); scalars, vectors and units
-  with no such axis left get plain Adam from step 0
+  left with no basis at all get plain Adam from step 0
   (``optax.scale_by_adam``). The result has the
   gradient's sign.
 

@@ -180,6 +180,9 @@ def main(argv=None):
   ap.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
   ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
                   choices=OPTIMIZERS)
+  ap.add_argument("--base-width", type=int, default=None,
+                  help="base_width of the *_width optimizers (default: the"
+                       " first of --widths)")
   ap.add_argument("--seeds", type=int, default=2)
   ap.add_argument("--first-seed", type=int, default=0,
                   help="seeds first-seed .. first-seed + seeds - 1 (to run"
@@ -192,6 +195,7 @@ def main(argv=None):
   ap.add_argument("--resume", action="store_true",
                   help="keep the runs already in <out>/width_sweep.json")
   args = ap.parse_args(argv)
+  base_width = args.base_width or args.widths[0]
   from benchmarks.run import git_info  # pylint: disable=g-import-not-at-top
   args.out.mkdir(parents=True, exist_ok=True)
   path = args.out / "width_sweep.json"
@@ -209,7 +213,7 @@ def main(argv=None):
         if (name, width, seed) in done:
           continue
         start = time.perf_counter()
-        results = train(lms[width], make_optimizer(name, args.widths[0]),
+        results = train(lms[width], make_optimizer(name, base_width),
                         args.lrs, seed, args.steps)
         runs += [dict(optimizer=name, width=width, lr=lr, seed=seed,
                       loss=loss) for lr, loss in results.items()]

@@ -6,7 +6,7 @@ The char Transformer LM of `benchmarks.workloads.char_lm` (Shakespeare, 2
 layers, 4 heads, context 64, batch 32) at ``d_model`` 32, 64 and 128 (a
 2-core CPU's budget; ``--widths``), the same data and token budget
 (``--steps``, 200 by default) for every width.
-Every optimizer runs a 5-point learning-rate grid (factor 2) with 2 seeds at
+Every optimizer runs a 6-point learning-rate grid (factor 2) with 2 seeds at
 every width, with the benchmarks' shared schedule (warmup 5%, cosine to 1%)
 and weight decay 1e-4:
 
@@ -45,7 +45,7 @@ from benchmarks import workloads
 import shampoo_optax
 
 WIDTHS = (32, 64, 128)
-LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
+LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
 OPTIMIZERS = ("adamw", "muon", "shampoo", "shampoo_width", "soap",
               "soap_width")
 WEIGHT_DECAY = 1e-4

@@ -10,6 +10,7 @@ from shampoo_optax._placement import unpad_state
 from shampoo_optax._report import state_report
 from shampoo_optax._report import StateReport
 from shampoo_optax._roots import default_root_method
+from shampoo_optax._roots import drift_error
 from shampoo_optax._roots import inverse_pth_root
 from shampoo_optax._roots import InverseRootResult
 from shampoo_optax._roots import root_error
@@ -18,6 +19,7 @@ from shampoo_optax._shampoo import shampoo
 from shampoo_optax._shampoo import ShampooDiagnostics
 from shampoo_optax._shampoo import ShampooState
 from shampoo_optax._shampoo import STATIC_OPTIONS
+from shampoo_optax._soap import basis_drift
 from shampoo_optax._soap import scale_by_soap
 from shampoo_optax._soap import soap
 from shampoo_optax._soap import SOAP_STATIC_OPTIONS
@@ -28,7 +30,9 @@ __version__ = "0.1.0"
 
 __all__ = (
     "abstract_state",
+    "basis_drift",
     "default_root_method",
+    "drift_error",
     "hidden_matrices",
     "inverse_pth_root",
     "InverseRootResult",

@@ -22,10 +22,16 @@ phases largest cost first, each on the least loaded phase it may take (LPT).
 Everything here is static (Python, from shapes), but `gather` and `scatter`,
 which move a chunk's rows in and out of the members' arrays inside the
 update, at a start known only at run time.
+
+``refresh="drift"`` keeps the per-step budget (``ceil(rows /
+num_phases)`` of each factor's rows) but spends it on the rows whose
+matrices drifted most from their statistics (`most_drifted`), rather than
+in turn; `put` writes their new values back.
 """
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -187,3 +193,28 @@ def scatter(bucket: Bucket, slot: Slot, arrays, values, phase):
     local = jnp.where(active & (local >= 0) & (local < n), local, n)
     out.append(x.at[local].set(values.astype(x.dtype), mode="drop"))  # n: out.
   return out
+
+
+def most_drifted(scores, num_phases: int, tolerance, active):
+  """The rows to recompute now, by drift, within the per-step budget.
+
+  Args:
+    scores: ``[rows]`` drift of each row's matrix from its statistics
+      (``-inf`` for rows never to recompute, e.g. padding).
+    num_phases: the budget is ``ceil(rows / num_phases)`` rows.
+    tolerance: only rows scoring above it are recomputed.
+    active: whether anything is recomputed at this step.
+
+  Returns:
+    ``(index, chosen)``: the budget's rows, highest scores first, and which
+    of them to recompute.
+  """
+  top, index = jax.lax.top_k(scores, -(-scores.shape[0] // num_phases))
+  return index, active & (top > tolerance)
+
+
+def put(array, index, chosen, values):
+  """``array`` with ``values`` at the rows ``index`` where ``chosen``."""
+  mask = chosen.reshape(chosen.shape + (1,) * (array.ndim - 1))
+  return array.at[index].set(
+      jnp.where(mask, values.astype(array.dtype), array[index]))

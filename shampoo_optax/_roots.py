@@ -130,6 +130,17 @@ def _matrix_power(a: jax.Array, p: int) -> jax.Array:
     a = _matmul(a, a)
 
 
+def _balanced(regularized_matrix: jax.Array, root: jax.Array,
+              p: int) -> jax.Array:
+  """``X^(p-h) A X^h``, ``h = p // 2`` (see `root_error`)."""
+  h = p // 2
+  if not h:
+    return _matmul(root, regularized_matrix)
+  half = _matrix_power(root, h)
+  left = half if p % 2 == 0 else _matmul(half, root)
+  return _matmul(_matmul(left, regularized_matrix), half)
+
+
 def _residual(regularized_matrix: jax.Array, root: jax.Array, p: int,
               target: jax.Array | None = None) -> jax.Array:
   """``max|X^(p-h) A X^h - T|``, ``h = p // 2``; +inf if not finite.
@@ -137,13 +148,7 @@ def _residual(regularized_matrix: jax.Array, root: jax.Array, p: int,
   ``T`` is ``target`` (the projector onto the kept eigenvectors of a
   pseudo-inverse root) or ``I``.
   """
-  h = p // 2
-  if h:
-    half = _matrix_power(root, h)
-    left = half if p % 2 == 0 else _matmul(half, root)
-    product = _matmul(_matmul(left, regularized_matrix), half)
-  else:
-    product = _matmul(root, regularized_matrix)
+  product = _balanced(regularized_matrix, root, p)
   if target is None:
     target = jnp.eye(root.shape[-1], dtype=root.dtype)
   error = _max_abs(product - target)
@@ -251,6 +256,14 @@ def _lambda_max_bounds(a: jax.Array):
     log_upper = log_upper + jnp.log(norm) / 2 ** (k + 1)
   upper = jnp.exp(log_upper)
 
+  guaranteed = upper * float(n) ** (-1.0 / 2 ** (_NUM_SQUARINGS + 1))
+  return jnp.maximum(_power_estimate(a, b), guaranteed), upper
+
+
+def _power_estimate(a: jax.Array, b: jax.Array) -> jax.Array:
+  """The Rayleigh quotient of ``a`` after power iteration started from the
+  column of ``b`` with the largest diagonal entry (a lower bound on
+  ``lambda_max(a)``); matrix-vector products only."""
   start = jnp.argmax(jnp.diagonal(b, axis1=-2, axis2=-1), axis=-1)
   v = jnp.take_along_axis(b, start[..., None, None], axis=-1)[..., 0]
 
@@ -260,9 +273,7 @@ def _lambda_max_bounds(a: jax.Array):
 
   v = jax.lax.fori_loop(0, _NUM_POWER_ITERATIONS, power_step,
                         v / jnp.linalg.norm(v, axis=-1, keepdims=True))
-  rayleigh = jnp.einsum("...i,...ij,...j->...", v, a, v, precision=_HIGHEST)
-  guaranteed = upper * float(n) ** (-1.0 / 2 ** (_NUM_SQUARINGS + 1))
-  return jnp.maximum(rayleigh, guaranteed), upper
+  return jnp.einsum("...i,...ij,...j->...", v, a, v, precision=_HIGHEST)
 
 
 def _newton_root(a: jax.Array, ridge_epsilon: jax.Array, p: int,
@@ -320,6 +331,81 @@ def _newton_root(a: jax.Array, ridge_epsilon: jax.Array, p: int,
     return iteration + 1, x, m, error, improved & (error > tolerance)
 
   return jax.lax.while_loop(cond, body, init)[1], regularized
+
+
+def _scaled(matrix):
+  """``(a, unit, zero, finite)``: the symmetric ``a = matrix / unit``.
+
+  ``unit`` is ``max|matrix_ij|`` (the unit of an absolute ridge in ``a``);
+  zero and non-finite matrices (``zero``, ``~finite``) are replaced by
+  ``I`` (``unit`` 1) so that what is computed from ``a`` stays finite; the
+  callers overwrite their results.
+  """
+  a = _as_float32_square(matrix, "matrix")
+  eye = jnp.eye(a.shape[-1], dtype=jnp.float32)
+  finite = jnp.all(jnp.isfinite(a), axis=(-2, -1))
+  a = jnp.where(finite[..., None, None], a, 0.0)
+  scale = _max_abs(a)
+  zero = scale <= _ZERO_SCALE
+  unit = jnp.where(zero, 1.0, scale)
+  a = jnp.where(zero[..., None, None], eye, a / unit[..., None, None])
+  return _symmetrize(a), unit, zero, finite
+
+
+def drift_error(matrix, root, p: int, *, ridge_epsilon,
+                regularization: str = "relative") -> jax.Array:
+  r"""How far ``root`` is from an inverse p-th root of ``matrix``, up to scale.
+
+  With :math:`\hat A` the statistics ``matrix`` regularized as
+  `inverse_pth_root` would regularize them now (the relative ridge from a
+  power-iteration estimate of :math:`\lambda_{max}`),
+  :math:`h = \lfloor p/2 \rfloor` and
+  :math:`M = X^{p-h} \hat A X^h`,
+
+  .. math::
+
+    \text{drift} = \max_{ij} \left| \frac{M}{\operatorname{tr}(M) / n}
+    - I \right|_{ij},
+
+  `root_error` up to the scalar factor :math:`\operatorname{tr}(M) / n`:
+  statistics that only grew or shrank (e.g. plain sums, ``b2 = 1``) score 0,
+  as the grafted step's norm absorbs a scalar. A root computed from
+  ``matrix`` scores about its own float32 error (below 0.08, see
+  `inverse_pth_root`); one computed from earlier statistics scores how far
+  the preconditioned spectrum is from flat, e.g. about 0.2 once one of many
+  directions' curvature grew by 20%. Shampoo's ``refresh="drift"``
+  recomputes the roots that score highest.
+
+  Args:
+    matrix: ``[..., n, n]`` symmetric PSD statistics.
+    root: ``[..., n, n]``, an inverse p-th root of earlier statistics.
+    p: the integer root, ``>= 1`` (static).
+    ridge_epsilon: as in `inverse_pth_root`.
+    regularization: ``"relative"`` or ``"absolute"`` (a pseudo-inverse root
+      is blind to the directions it dropped, so it cannot score them).
+
+  Returns:
+    ``[...]`` float32: 0 for a zero ``matrix``, ``+inf`` where ``matrix`` or
+    ``root`` has a non-finite entry.
+  """
+  _check_p(p)
+  if regularization not in ("relative", "absolute"):
+    raise ValueError("drift_error's regularization must be 'relative' or"
+                     f" 'absolute', got {regularization!r}.")
+  a, unit, zero, finite = _scaled(matrix)
+  x = _as_float32_square(root, "root")
+  n = a.shape[-1]
+  # No squarings: the ridge only needs lambda_max roughly (their bound is
+  # for Newton's start), and scoring runs on every step.
+  ridge = _ridge(regularization, jnp.asarray(ridge_epsilon, jnp.float32),
+                 _power_estimate(a, a), unit)
+  regularized = a + ridge[..., None, None] * jnp.eye(n, dtype=a.dtype)
+  # The product's own trace is the scale: the root's scale drops out.
+  product = _balanced(regularized, x, p)
+  mean = jnp.trace(product, axis1=-2, axis2=-1) / n
+  error = _max_abs(product / mean[..., None, None] - jnp.eye(n, dtype=a.dtype))
+  error = jnp.where(jnp.isfinite(error) & (mean > 0), error, jnp.inf)
+  return jnp.where(finite, jnp.where(zero, 0.0, error), jnp.inf)
 
 
 def inverse_pth_root(matrix,
@@ -399,22 +485,9 @@ def inverse_pth_root(matrix,
         f"max_iterations must be an integer >= 1, got {max_iterations!r}.")
   if isinstance(tolerance, (int, float)) and not tolerance >= 0:
     raise ValueError(f"tolerance must be >= 0, got {tolerance!r}.")
-  a = _as_float32_square(matrix, "matrix")
-
+  a, unit, zero, finite = _scaled(matrix)
   eye = jnp.eye(a.shape[-1], dtype=jnp.float32)
-  finite = jnp.all(jnp.isfinite(a), axis=(-2, -1))
-  a = jnp.where(finite[..., None, None], a, 0.0)
-  scale = _max_abs(a)
-  zero = scale <= _ZERO_SCALE
-  # Zero and non-finite matrices are replaced by I so that every computation
-  # below stays finite; their results are overwritten at the end.
-  skip = zero[..., None, None]
-  a = jnp.where(skip, eye, a / jnp.where(zero, 1.0, scale)[..., None, None])
-  a = _symmetrize(a)
   ridge_epsilon = jnp.asarray(ridge_epsilon, jnp.float32)
-
-  # The ridge of `"absolute"` in units of the scaled matrix.
-  unit = jnp.where(zero, 1.0, scale)
   target = None
   if method == "eigh":
     root, regularized, target, lambda_max = _eigh_root(

@@ -42,7 +42,7 @@ from shampoo_optax import _sharding
 from shampoo_optax import _stages
 from shampoo_optax import _symmetric
 
-REFRESH_MODES = ("all", "staggered")
+REFRESH_MODES = ("all", "staggered", "drift")
 
 
 class ShampooDiagnostics(NamedTuple):
@@ -56,12 +56,16 @@ class ShampooDiagnostics(NamedTuple):
     last_refresh_step: the step (0-based) of the last refresh of any root,
       -1 before the first.
     nonfinite_steps: steps skipped because a gradient was NaN or infinite.
+    roots_refreshed: cumulative number of inverse roots recomputed and
+      accepted (per block and factor; with ``refresh="drift"``, how many
+      the drift called for).
   """
 
   root_failures: chex.Array
   max_root_error: chex.Array
   last_refresh_step: chex.Array
   nonfinite_steps: chex.Array
+  roots_refreshed: chex.Array
 
 
 class ShampooState(NamedTuple):
@@ -101,7 +105,8 @@ class ShampooState(NamedTuple):
 # or the compiled program and must be static: pass STATIC_OPTIONS as
 # `static_args` to `optax.inject_hyperparams`.
 FLOAT_OPTIONS = ("learning_rate", "b1", "b2", "matrix_eps", "graft_eps",
-                 "graft_b2", "max_root_error", "weight_decay")
+                 "graft_b2", "max_root_error", "drift_tolerance",
+                 "weight_decay")
 STATIC_OPTIONS = (
     "block_size",
     "graft",
@@ -136,6 +141,7 @@ class _Floats(NamedTuple):
   graft_eps: Any
   graft_b2: Any
   max_root_error: Any
+  drift_tolerance: Any
 
 
 class _Options(NamedTuple):
@@ -166,7 +172,7 @@ class _Options(NamedTuple):
 
 
 def _checked(b1, b2, matrix_eps, graft_eps, graft_b2, max_root_error,
-             **static) -> _Options:
+             drift_tolerance, **static) -> _Options:
   """Validates every option of `scale_by_shampoo` (clear errors, no tracing).
   """
   for name, minimum in (("block_size", 1), ("precondition_every", 1),
@@ -186,6 +192,7 @@ def _checked(b1, b2, matrix_eps, graft_eps, graft_b2, max_root_error,
   _options.check_range("matrix_eps", matrix_eps, 0.0)
   _options.check_range("graft_eps", graft_eps, 0.0)
   _options.check_range("max_root_error", max_root_error, 0.0)
+  _options.check_range("drift_tolerance", drift_tolerance, 0.0)
   _options.check_choice("graft", static["graft"], _grafting.GRAFTS)
   _options.check_choice("refresh", static["refresh"], REFRESH_MODES)
   _options.check_choice("root_method", static["root_method"],
@@ -198,6 +205,13 @@ def _checked(b1, b2, matrix_eps, graft_eps, graft_b2, max_root_error,
         "matrix_eps_mode='pseudo_inverse' needs eigenvalues: use"
         " root_method='eigh' or 'auto' (which then picks 'eigh'), not"
         " 'newton'.")
+  if static["matrix_eps_mode"] == "pseudo_inverse" and (
+      static["refresh"] == "drift"):
+    raise ValueError(
+        "refresh='drift' scores a root against the current statistics, which"
+        " a pseudo-inverse root cannot do on the directions it dropped: use"
+        " matrix_eps_mode 'relative' or 'absolute', or refresh 'all' or"
+        " 'staggered'.")
   _options.check_flags(**{name: static[name] for name in (
       "nesterov", "heavy_ball", "skip_nonfinite", "cut_at_shards")})
   static["shard_axes"] = _sharding.check_shard_axes(static["shard_axes"])
@@ -206,7 +220,8 @@ def _checked(b1, b2, matrix_eps, graft_eps, graft_b2, max_root_error,
       "preconditioner_dtype", static["preconditioner_dtype"], allow_none=False)
   return _Options(
       **static, use_momentum=_options.is_traced(b1) or float(b1) != 0.0,
-      floats=_Floats(b1, b2, matrix_eps, graft_eps, graft_b2, max_root_error))
+      floats=_Floats(b1, b2, matrix_eps, graft_eps, graft_b2, max_root_error,
+                     drift_tolerance))
 
 
 # ---------------------------------------------------------------------------
@@ -231,10 +246,16 @@ def _refresh_window(count, active, options: _Options):
   """The phases ``[lo, hi)`` of the roots to recompute at step ``count``.
 
   ``hi == lo`` (nothing) unless ``active``. With ``refresh="staggered"``
-  one phase a step, and every phase at the first preconditioned step.
+  one phase a step, and every phase at the first preconditioned step; with
+  ``"drift"`` the single phase at the first preconditioned step only
+  (`_refresh_drifted` takes over after it).
   """
   since_start = count - options.start_preconditioning_step
-  if options.refresh == "staggered":
+  if options.refresh == "drift":
+    lo = jnp.zeros([], jnp.int32)
+    hi = jnp.ones([], jnp.int32)
+    active = active & (since_start == 0)
+  elif options.refresh == "staggered":
     first = since_start == 0
     lo = jnp.where(first, 0, since_start % options.precondition_every)
     hi = jnp.where(first, options.precondition_every, lo + 1)
@@ -326,6 +347,83 @@ def _refresh_roots(layout, stats, roots, refreshed_at, phases, count, floats,
       num_outputs=4)
 
 
+def _drift_scores(packed_stats, packed_roots, at, own, *, dim, p, eps,
+                  regularization):
+  """`_roots.drift_error` of each row's root; +inf for roots never accepted,
+  -inf for padding rows."""
+
+  def scores(s, r):
+    return _roots.drift_error(
+        _symmetric.unpack(s, dim), _symmetric.unpack(r, dim), p,
+        ridge_epsilon=eps, regularization=regularization)
+
+  drift = _stages.in_batches(scores, packed_stats, packed_roots,
+                             row_bytes=8 * dim * dim)
+  return jnp.where(own, jnp.where(at < 0, jnp.inf, drift), -jnp.inf)
+
+
+def _refresh_drifted(layout, stats, roots, refreshed_at, active, count, floats,
+                     *, num_phases, root_method, regularization):
+  """Recomputes, on each device, the roots that drifted most.
+
+  Every root is scored by `_roots.drift_error` against its current
+  statistics; of each factor's rows on a device, the ``ceil(rows /
+  num_phases)`` with the highest scores above ``drift_tolerance`` are
+  recomputed (one batched call per bucket of factors with the same
+  ``(d, p)``, skipped when none is due), and accepted as in
+  `_refresh_roots`.
+
+  Returns:
+    As `_refresh_roots`.
+  """
+  plan, specs = layout.plan, layout.specs
+  nbatch = [len(s) for s in specs]
+
+  def body(arrays, replicated):
+    active, count, eps, max_error, tolerance = replicated
+    shapes = [[x.shape for x in xs] for xs in arrays[1:3]]
+    stats, roots, refreshed_at, valid = (
+        [_stages.rows(x, n) for x, n in zip(xs, nbatch)] for xs in arrays)
+    errors = [jnp.zeros_like(x, jnp.float32) for x in refreshed_at]
+    rejected = [jnp.zeros_like(x, jnp.bool_) for x in refreshed_at]
+    for bucket in _refresh.schedule([(f.dim, f.exponent) for f in plan.factors],
+                                    [x.shape[0] for x in stats], 1):
+      dim, p = bucket.key
+      picked = [_refresh.most_drifted(
+          _drift_scores(stats[i], roots[i], refreshed_at[i], valid[i],
+                        dim=dim, p=p, eps=eps, regularization=regularization),
+          num_phases, tolerance, active) for i in bucket.members]
+      chosen = jnp.concatenate([c for _, c in picked])
+      new_roots, error = jax.lax.cond(
+          jnp.any(chosen),
+          functools.partial(_packed_roots, dim=dim, p=p, method=root_method,
+                            ridge_epsilon=eps, regularization=regularization),
+          lambda c: (jnp.zeros_like(c), jnp.full_like(c[:, 0, 0], jnp.inf)),
+          jnp.concatenate([stats[i][index]
+                           for i, (index, _) in zip(bucket.members, picked)]))
+      ok = jnp.isfinite(error) & (error <= max_error)
+      start = 0
+      for i, (index, due) in zip(bucket.members, picked):
+        part = slice(start, start + index.shape[0])
+        start = part.stop
+        accepted = due & ok[part]
+        roots[i] = _refresh.put(roots[i], index, accepted, new_roots[part])
+        refreshed_at[i] = _refresh.put(refreshed_at[i], index, accepted,
+                                       jnp.broadcast_to(count, index.shape))
+        errors[i] = _refresh.put(errors[i], index, due, error[part])
+        rejected[i] = _refresh.put(rejected[i], index, due, ~ok[part])
+    return ([x.reshape(s) for x, s in zip(roots, shapes[0])],) + tuple(
+        [x.reshape(s) for x, s in zip(xs, shapes[1])]
+        for xs in (refreshed_at, errors, rejected))
+
+  valid = [_sharding.valid_rows(f, x.shape)
+           for f, x in zip(plan.factors, refreshed_at)]
+  return _sharding.map_blocks(
+      body, specs, (list(stats), list(roots), list(refreshed_at), valid),
+      (active, count, floats.matrix_eps, floats.max_root_error,
+       floats.drift_tolerance), num_outputs=4)
+
+
 def _precondition(layout, grads, roots, use_shampoo, base_width) -> dict:
   """``G x_1 S_1^(-1/p) ... x_k S_k^(-1/p)`` of every block, per family.
 
@@ -393,10 +491,16 @@ def _momentum(directions, mus, step, b1, *, nesterov: bool, heavy_ball: bool):
   return [m / scale for m in mus], mus
 
 
-def _diagnostics(old: ShampooDiagnostics, count, phases, errors, rejected,
-                 finite) -> ShampooDiagnostics:
-  """The diagnostics after a step that refreshed the roots of ``phases``."""
-  refreshed = phases[1] > phases[0]
+def _diagnostics(old: ShampooDiagnostics, count, errors, rejected,
+                 refreshed_at, finite) -> ShampooDiagnostics:
+  """The diagnostics after step ``count``.
+
+  ``errors`` and ``rejected``: per row, the error of the root computed at
+  this step (0 where none was) and whether it was rejected;
+  ``refreshed_at`` is ``count`` where one was accepted.
+  """
+  accepted = _stages.count_true([at == count for at in refreshed_at])
+  refreshed = accepted + _stages.count_true(rejected) > 0
   max_error = functools.reduce(jnp.maximum, (
       jnp.max(jnp.where(jnp.isnan(e), jnp.inf, e), initial=0.0)
       for e in errors), jnp.zeros([], jnp.float32))
@@ -404,7 +508,8 @@ def _diagnostics(old: ShampooDiagnostics, count, phases, errors, rejected,
       root_failures=old.root_failures + _stages.count_true(rejected),
       max_root_error=jnp.where(refreshed, max_error, old.max_root_error),
       last_refresh_step=jnp.where(refreshed, count, old.last_refresh_step),
-      nonfinite_steps=old.nonfinite_steps + (~finite).astype(jnp.int32))
+      nonfinite_steps=old.nonfinite_steps + (~finite).astype(jnp.int32),
+      roots_refreshed=old.roots_refreshed + accepted)
 
 
 def _init(plan, leaves, treedef, options: _Options) -> ShampooState:
@@ -430,6 +535,7 @@ def _init(plan, leaves, treedef, options: _Options) -> ShampooState:
           max_root_error=jnp.zeros([], jnp.float32),
           last_refresh_step=jnp.full([], -1, jnp.int32),
           nonfinite_steps=jnp.zeros([], jnp.int32),
+          roots_refreshed=jnp.zeros([], jnp.int32),
       ),
   )
 
@@ -474,6 +580,7 @@ def scale_by_shampoo(
     statistics_every: int = 1,
     start_preconditioning_step: int = 1,
     refresh: str = "all",
+    drift_tolerance: float = 0.1,
     root_method: str = "auto",
     matrix_eps_mode: str = "relative",
     exponent_override: int | dict[int, int] | None = None,
@@ -532,7 +639,17 @@ def scale_by_shampoo(
       ``precondition_every``; ``"staggered"`` recomputes a
       ``1 / precondition_every`` share of each device's roots on every step
       (each root still every ``precondition_every`` steps), so no step
-      stalls.
+      stalls; ``"drift"`` spends the same per-step budget on the roots
+      that drifted most: on every step each root is scored by
+      `shampoo_optax.drift_error` against its current statistics (how far
+      the preconditioned spectrum is from flat), and of each device's rows of
+      each factor the ``ceil(rows / precondition_every)`` scoring highest
+      above ``drift_tolerance`` are recomputed (the scoring costs a few
+      matrix products per root, no eigendecomposition). Fresh roots where
+      the statistics move, none where they do not.
+    drift_tolerance: with ``refresh="drift"``, the score above which a root
+      is due (0: every step, within the budget). Fresh float32 roots score
+      below 0.08 (`shampoo_optax.inverse_pth_root`).
     root_method: ``"eigh"``, ``"newton"`` (coupled Newton iteration) or
       ``"auto"`` (the faster on the current backend).
     matrix_eps_mode: how ``matrix_eps`` regularizes a root:
@@ -634,6 +751,14 @@ def scale_by_shampoo(
         regularization=options.matrix_eps_mode,
         num_phases=(options.precondition_every
                     if options.refresh == "staggered" else 1))
+    if options.refresh == "drift":
+      roots, refreshed_at, drift_errors, drift_rejected = _refresh_drifted(
+          layout, stats, roots, refreshed_at,
+          finite & use_shampoo & (phases[1] == phases[0]),
+          count, floats, num_phases=options.precondition_every,
+          root_method=options.root_method,
+          regularization=options.matrix_eps_mode)
+      errors, rejected = errors + drift_errors, rejected + drift_rejected
     preconditioned = _precondition(layout, grads, roots, use_shampoo,
                                    options.base_width)
 
@@ -664,8 +789,8 @@ def scale_by_shampoo(
         refreshed_at=tuple(refreshed_at),
         graft=_stages.tree_of(layout, graft),
         mu=_stages.tree_of(layout, mu),
-        diagnostics=_diagnostics(state.diagnostics, count, phases, errors,
-                                 rejected, finite))
+        diagnostics=_diagnostics(state.diagnostics, count, errors, rejected,
+                                 refreshed_at, finite))
 
   update_fn = _stages.make_update(
       "scale_by_shampoo", ShampooState, plan_for,
@@ -689,6 +814,7 @@ def shampoo(
     statistics_every: int = 1,
     start_preconditioning_step: int = 1,
     refresh: str = "all",
+    drift_tolerance: float = 0.1,
     root_method: str = "auto",
     matrix_eps_mode: str = "relative",
     exponent_override: int | dict[int, int] | None = None,
@@ -722,10 +848,11 @@ def shampoo(
     learning_rate: float or ``optax.Schedule``.
     block_size, b1, b2, matrix_eps, graft, graft_eps, graft_b2,
       precondition_every, statistics_every, start_preconditioning_step,
-      refresh, root_method, matrix_eps_mode, exponent_override, nesterov,
-      heavy_ball, max_precondition_dim, max_root_error, skip_nonfinite,
-      shard_axes, layer_axes, precondition, base_width, mu_dtype,
-      preconditioner_dtype, cut_at_shards: see `scale_by_shampoo`.
+      refresh, drift_tolerance, root_method, matrix_eps_mode,
+      exponent_override, nesterov, heavy_ball, max_precondition_dim,
+      max_root_error, skip_nonfinite, shard_axes, layer_axes, precondition,
+      base_width, mu_dtype, preconditioner_dtype, cut_at_shards: see
+      `scale_by_shampoo`.
     weight_decay: decoupled weight decay :math:`\lambda`; the default is
       ``optax.adamw``'s, so that swapping one for the other changes only
       the direction. With ``base_width``, preconditioned leaves get
@@ -750,6 +877,7 @@ def shampoo(
           statistics_every=statistics_every,
           start_preconditioning_step=start_preconditioning_step,
           refresh=refresh,
+          drift_tolerance=drift_tolerance,
           root_method=root_method,
           matrix_eps_mode=matrix_eps_mode,
           exponent_override=exponent_override,

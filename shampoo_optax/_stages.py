@@ -671,9 +671,10 @@ def _add_scaled_decay(weight_decay, scales,
                       mask) -> optax.GradientTransformation:
   """``u + weight_decay * scale * w`` where ``mask``; ``scale`` per leaf.
 
-  Like ``optax.add_decayed_weights(weight_decay, mask)``, with the factors
-  of ``scales(params)`` (computed on all the params, so that masked-out
-  leaves do not change the plan).
+  Like ``optax.add_decayed_weights(weight_decay, mask)`` (``mask`` a tree
+  of bools with the params' structure or a prefix of it, or a callable of
+  the params), with the factors of ``scales(params)`` (computed on all the
+  params, so that masked-out leaves do not change the plan).
   """
 
   def update_fn(updates, state, params=None):
@@ -683,7 +684,9 @@ def _add_scaled_decay(weight_decay, scales,
     factors = scales(params)
     if mask is not None:
       where = mask(params) if callable(mask) else mask
-      factors = jax.tree.map(lambda f, m: f if m else 0.0, factors, where)
+      factors = jax.tree.map(
+          lambda m, sub: jax.tree.map(lambda f: f if m else 0.0, sub),
+          where, factors)
     return jax.tree.map(lambda u, f, w: u + weight_decay * f * w, updates,
                         factors, params), state
 

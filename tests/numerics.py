@@ -71,6 +71,22 @@ def np_inv_root(stat, p, eps, mode="relative"):
   return (v * w ** (-1.0 / p)) @ v.T
 
 
+def np_drift(stat, root, p, eps, mode="relative"):
+  """Float64 drift of ``root`` from ``stat``: ``max|M / (tr M / n) - I|``,
+  ``M = X^(p-h) (S + ridge I) X^h``, ``h = p // 2``, with the ridge ``S``
+  gets now; 0 for ``S = 0``."""
+  a = np.asarray(stat, np.float64)
+  x = np.asarray(root, np.float64)
+  top = np.linalg.eigvalsh(a)[-1]
+  if top <= 0:
+    return 0.0
+  ridge = eps * (top if mode == "relative" else 1.0)
+  h = p // 2
+  m = (np.linalg.matrix_power(x, p - h) @ (a + ridge * np.eye(len(a)))
+       @ np.linalg.matrix_power(x, h))
+  return np.abs(m / (np.trace(m) / len(a)) - np.eye(len(a))).max()
+
+
 def mode_product(x, matrix, axis):
   """Multiplies axis ``axis`` of ``x`` by ``matrix``."""
   return np.moveaxis(np.tensordot(matrix, x, axes=([1], [axis])), 0, axis)
@@ -108,8 +124,10 @@ class NumpyShampoo:
             for combo in np.ndindex(*[len(r) for r in ranges])
             for combo in [tuple(ranges[i][c] for i, c in enumerate(combo))]]
 
-  def update(self, g, refresh=True):
-    """The direction for ``g``; ``refresh=False`` keeps the last roots."""
+  def update(self, g, refresh=True, drift_tolerance=None):
+    """The direction for ``g``; ``refresh=False`` keeps the last roots;
+    with ``drift_tolerance``, a root is recomputed where its `np_drift`
+    from the new statistics exceeds it."""
     out = np.zeros_like(g, dtype=np.float64)
     axes = [a for a, f in enumerate(self.factored or (True,) * g.ndim) if f]
     p = self.p or 2 * len(axes)
@@ -124,7 +142,13 @@ class NumpyShampoo:
         gram = unfold_gram(block, axis)
         stats[axis] = (stats[axis] + gram if self.b2 == 1.0
                        else self.b2 * stats[axis] + (1 - self.b2) * gram)
-      if refresh or key not in self.roots:
+      if drift_tolerance is not None and key in self.roots:
+        for a in axes:
+          if np_drift(stats[a], self.roots[key][a], p, self.eps,
+                      self.eps_mode) > drift_tolerance:
+            self.roots[key][a] = np_inv_root(stats[a], p, self.eps,
+                                             self.eps_mode)
+      elif refresh or key not in self.roots:
         self.roots[key] = {a: np_inv_root(stats[a], p, self.eps,
                                           self.eps_mode) for a in axes}
       d = block

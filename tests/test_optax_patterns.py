@@ -27,7 +27,8 @@ def _scaled(scale_by, learning_rate):
 
 # The options that change the plan or the math (matrices for hidden
 # weights only, one-sided factors above 6, pseudo-inverse roots, -1/2 per
-# side of matrices, width-aware scaling), all at once.
+# side of matrices, width-aware scaling; SOAP's bases refreshed by drift),
+# all at once.
 INGREDIENTS = dict(precondition=shampoo_optax.hidden_matrices(),
                    max_precondition_dim=6, base_width=4)
 
@@ -40,7 +41,8 @@ OPTIMIZERS = {
     "shampoo_ingredients": functools.partial(
         shampoo_optax.shampoo, matrix_eps_mode="pseudo_inverse",
         exponent_override={2: 2}, **INGREDIENTS),
-    "soap_ingredients": functools.partial(shampoo_optax.soap, **INGREDIENTS),
+    "soap_ingredients": functools.partial(shampoo_optax.soap, refresh="drift",
+                                          **INGREDIENTS),
 }
 
 

@@ -67,7 +67,9 @@ OPTIONS = st.fixed_dictionaries({
                                         "pseudo_inverse"]),
     "max_precondition_dim": st.sampled_from([12, 4096]),
     "base_width": st.sampled_from([None, 8]),
-}).map(lambda o: {**o, "root_method": "eigh"}
+    "refresh": st.sampled_from(["all", "staggered", "drift"]),
+    "drift_tolerance": st.sampled_from([0.0, 0.1]),
+}).map(lambda o: {**o, "root_method": "eigh", "refresh": "staggered"}
        if o["matrix_eps_mode"] == "pseudo_inverse" else o)
 BLOCK_SIZES = st.integers(1, 40)
 DTYPES = st.sampled_from([jnp.float32, jnp.bfloat16])
@@ -172,6 +174,10 @@ def test_leaf_alone_equals_leaf_in_tree(leaf, others, block_size, options,
                     options["max_precondition_dim"])
   tree_shapes = [(s, jnp.float32) for s in [leaf] + others]
   grads = [random_tree(tree_shapes, seed + i) for i in range(3)]
+  if options["refresh"] != "all":
+    # Staggered phases and drift budgets are shared by all the rows of a
+    # factor's bucket (other leaves' blocks too); with one phase, by none.
+    options = {**options, "precondition_every": 1}
   tx = shampoo_optax.scale_by_shampoo(block_size=block_size, **options)
   in_tree, _ = run(tx, grads)
   alone, _ = run(tx, [{"leaf0": g["leaf0"]} for g in grads])

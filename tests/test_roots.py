@@ -20,6 +20,7 @@ import pytest
 import scipy.linalg
 
 from numerics import assert_close
+from numerics import np_drift
 from shampoo_optax import _roots
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -389,3 +390,52 @@ def test_root_error_bad_arguments():
 def test_non_float_input_raises_type_error(dtype):
   with pytest.raises(TypeError, match="matrix"):
     _roots.inverse_pth_root(np.eye(3, dtype=dtype), 2)
+
+
+@pytest.mark.parametrize("p", [2, 4, 6])
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+def test_drift_error_matches_float64_reference(p, mode):
+  """A root of old statistics scored against new ones: the error of
+  `root_error` up to scale, with the ridge the new statistics get (relative
+  to their power-iteration lambda_max estimate, within float32 rounding of
+  the exact one for well-separated top eigenvalues)."""
+  rng = np.random.default_rng(p)
+  eps = 1e-3
+  old = _spd(rng, 12, 1e3)
+  g = rng.standard_normal((12, 12)).astype(np.float32)
+  new = (0.8 * old + 0.2 * g @ g.T).astype(np.float32)
+  w, v = np.linalg.eigh(old.astype(np.float64))
+  ridge = eps * (w[-1] if mode == "relative" else 1.0)
+  stale = ((v * (w + ridge) ** (-1.0 / p)) @ v.T).astype(np.float32)
+  drift = functools.partial(_roots.drift_error, p=p, ridge_epsilon=eps,
+                            regularization=mode)
+  expected = np_drift(new, stale, p, eps, mode)
+  assert expected > 0.1  # The statistics moved.
+  np.testing.assert_allclose(drift(new, stale), expected, rtol=1e-3)
+  # A fresh root scores its float32 error; the wrong exponent is far off.
+  assert drift(old, stale) < 1e-3
+  if mode == "relative":  # Statistics that only grew: no drift.
+    assert drift(np.float32(3.0) * old, stale) < 1e-3
+  # The wrong exponent, or no scale normalization, is 10x the tolerance off.
+  wrong = _roots.drift_error(new, stale, p + 2, ridge_epsilon=eps,
+                             regularization=mode)
+  unnormalized = _roots.root_error(
+      new + ridge * np.eye(12, dtype=np.float32), stale, p)
+  for value in (wrong, unnormalized):
+    assert abs(float(value) - expected) > 1e-2 * expected
+  # The relative score is scale-free in the statistics and in the root.
+  if mode == "relative":
+    scaled = drift(np.float32(1e12) * new, np.float32(1e-5) * stale)
+    np.testing.assert_allclose(scaled, expected, rtol=1e-3)
+
+
+def test_drift_error_special_cases():
+  eye = np.eye(4, dtype=np.float32)
+  batch = np.stack([np.zeros((4, 4), np.float32), np.full((4, 4), np.nan,
+                                                          np.float32), eye])
+  roots = np.stack([eye, eye, np.full((4, 4), np.inf, np.float32)])
+  scores = _roots.drift_error(batch, roots, 4, ridge_epsilon=1e-6)
+  np.testing.assert_array_equal(scores, [0.0, np.inf, np.inf])
+  with pytest.raises(ValueError, match="regularization.*'relative'"):
+    _roots.drift_error(eye, eye, 4, ridge_epsilon=0.0,
+                       regularization="pseudo_inverse")

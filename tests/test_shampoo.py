@@ -418,6 +418,10 @@ def test_state_types_stable_and_jittable():
         (dict(nesterov="yes"), "nesterov"),
         (dict(cut_at_shards="rows"), "cut_at_shards must be True or False"),
         (dict(max_root_error=-1.0), "max_root_error"),
+        (dict(refresh="lazy"), "refresh must be one of"),
+        (dict(drift_tolerance=-0.1), "drift_tolerance"),
+        (dict(refresh="drift", matrix_eps_mode="pseudo_inverse"),
+         "matrix_eps_mode 'relative' or 'absolute'"),
     ],
 )
 def test_invalid_options_name_the_argument(kwargs, message):
@@ -520,6 +524,76 @@ def test_staggered_refresh_every_step_equals_all():
     assert_close(s, e, rtol=1e-6)
 
 
+def _steady_and_moving_grads(steps, seed=5):
+  """[16, 8] gradients: rows 0-7 the same every step (their statistics only
+  grow), rows 8-15 new every step."""
+  rng = np.random.default_rng(seed)
+  steady = rng.standard_normal((8, 8))
+  return [jnp.asarray(np.concatenate([steady, rng.standard_normal((8, 8))]),
+                      jnp.float32) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("precondition_every", [1, 2])
+def test_drift_refresh_against_numpy(precondition_every):
+  """Block 8, so two blocks of two factors each. The steady block's roots
+  score ~0 (its statistics are t G G^T: only their scale moves) and are
+  never recomputed after the first step; the moving block's score 0.2-3
+  and are recomputed every step, also when the budget is one of each
+  factor's two rows (precondition_every=2). The directions match a NumPy
+  Shampoo that recomputes a root exactly where its float64 drift exceeds
+  the tolerance."""
+  grads = _steady_and_moving_grads(6)
+  tolerance = 0.05
+  tx = shampoo_optax.scale_by_shampoo(
+      block_size=8, refresh="drift", drift_tolerance=tolerance,
+      **{**PAPER, "precondition_every": precondition_every})
+  ref = NumpyShampoo((8, 8))
+  state = tx.init(grads[0])
+  update = jax.jit(tx.update)
+  for step, g in enumerate(grads):
+    u, state = update(g, state)
+    expected = ref.update(np.asarray(g), drift_tolerance=tolerance)
+    assert rel_err(u, expected) < 1e-4, step
+    at = [np.asarray(r).reshape(-1) for r in state.refreshed_at]
+    assert all(a[0] == 0 and a[1] == step for a in at), (step, at)
+  # 4 roots at step 0, then the moving block's 2 at each later step.
+  assert int(state.diagnostics.roots_refreshed) == 4 + 2 * (len(grads) - 1)
+  assert int(state.diagnostics.last_refresh_step) == len(grads) - 1
+  assert int(state.diagnostics.root_failures) == 0
+
+
+def test_drift_refresh_at_tolerance_zero_equals_refreshing_all():
+  """With a budget of every row (precondition_every=1) and tolerance 0,
+  every root is recomputed every step: refresh="all"'s directions, on
+  stacked layers, a remainder block and two buckets of sides."""
+  tree = {"a": (24, 16), "b": (3, 8, 8), "c": (8, 44)}
+  rng = np.random.default_rng(0)
+  grads = [{n: jnp.asarray(rng.standard_normal(s), jnp.float32)
+            for n, s in tree.items()} for _ in range(4)]
+  options = dict(block_size=8, precondition_every=1,
+                 layer_axes={"a": None, "b": 0, "c": None})
+  drift, state = run(shampoo_optax.scale_by_shampoo(
+      refresh="drift", drift_tolerance=0.0, **options), grads)
+  every, every_state = run(shampoo_optax.scale_by_shampoo(**options), grads)
+  assert_close(drift, every, rtol=1e-5)
+  assert (int(state.diagnostics.roots_refreshed)
+          == int(every_state.diagnostics.roots_refreshed)
+          == 3 * sum(r.size for r in state.refreshed_at))
+
+
+def test_drift_refresh_above_every_score_keeps_the_first_roots():
+  grads = random_grads((12, 10), steps=5, seed=3)
+  options = dict(block_size=8, precondition_every=2)
+  drift, state = run(shampoo_optax.scale_by_shampoo(
+      refresh="drift", drift_tolerance=1e9, **options), grads)
+  # Roots from step 1 (the first preconditioned step) on, never again.
+  once, _ = run(shampoo_optax.scale_by_shampoo(
+      **{**options, "precondition_every": 1000}), grads)
+  assert_close(drift, once, rtol=1e-6)
+  assert all(np.all(np.asarray(r) == 1) for r in state.refreshed_at)
+  assert int(state.diagnostics.last_refresh_step) == 1
+
+
 def test_bfloat16_roots_stay_close_to_float32():
   grads = random_grads((24, 20), steps=6, seed=4)
   options = dict(block_size=8, precondition_every=2)
@@ -560,7 +634,7 @@ def _reachable_outside_conditionals(hlo: str) -> set[str]:
   return seen
 
 
-@pytest.mark.parametrize("refresh", ["all", "staggered"])
+@pytest.mark.parametrize("refresh", ["all", "staggered", "drift"])
 def test_roots_run_only_on_refresh_phases(refresh):
   """No inverse root outside its conditional: a normal step computes none.
 

@@ -665,7 +665,9 @@ def test_fsdp_state_of_rank_3_and_4_kernels_follows_the_parameters(transform):
 
 @pytest.mark.parametrize("transform,options", [
     ("shampoo", {}), ("shampoo", {"refresh": "staggered"}),
-    ("shampoo", {"root_method": "newton"}), ("soap", {})])
+    ("shampoo", {"refresh": "drift", "drift_tolerance": 0.05}),
+    ("shampoo", {"root_method": "newton"}), ("soap", {}),
+    ("soap", {"refresh": "drift", "drift_tolerance": 0.05})])
 def test_inside_shard_map_each_device_runs_its_own_optimizer(transform,
                                                              options):
   """``jax.shard_map`` with its default ``check_vma=True``: init and update
@@ -696,6 +698,30 @@ def test_inside_shard_map_each_device_runs_its_own_optimizer(transform,
         lambda x: x.reshape((8, -1) + x.shape[1:])[d], t)
     expected = jax.jit(run)(shard(params), *map(shard, grads))
     assert_close(shard(ours), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("transform", ["shampoo", "soap"])
+def test_drift_refresh_on_8_devices_matches_one_device(transform):
+  """The drift's budget is per device: under FSDP (factors split by rows,
+  "w2" stored as 6 rows padded to 8) with tolerance 0 and a budget of all
+  rows, every root or basis is recomputed every step, as refresh="all"
+  does on the same mesh; padding rows are never picked."""
+  make = shampoo_optax.shampoo if transform == "shampoo" else (
+      shampoo_optax.soap)
+  options = {**OPTIONS, "precondition_every": 1, "shard_axes": "data"}
+  if transform == "soap":
+    del options["start_preconditioning_step"]
+  with jax.set_mesh(mesh_of(8)):
+    params = {name: jax.sharding.reshard(x, fsdp_spec(x.shape))
+              for name, x in make_params().items()}
+    expected, _ = run_steps(make(1.0, **options), params, 4)
+    outs, state = run_steps(make(1.0, refresh="drift", drift_tolerance=0.0,
+                                 **options), params, 4)
+  assert_updates_close(outs, expected)
+  if transform == "shampoo":
+    at = [np.asarray(r).reshape(-1) for r in state[0].refreshed_at]
+    assert all(np.all(a == 3) for a in at[:4]), at
+    assert all(np.all(a[:6] == 3) and np.all(a[6:] == -1) for a in at[4:])
 
 
 def test_staggered_refresh_on_one_row_per_device_computes_each_root_once():

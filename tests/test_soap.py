@@ -3,6 +3,7 @@
 """Tests of `scale_by_soap` and `soap` against a NumPy SOAP."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import pytest
 
 from numerics import assert_close
 from numerics import run_updates as run
+import shampoo_optax
 from shampoo_optax import _blocks
 from shampoo_optax import _stages
 from shampoo_optax import _soap
@@ -48,13 +50,15 @@ class NumpySoap:
 
   Step 0 only sets the bases, as the authors' implementation does; then Adam
   runs in the bases, refreshed by a sorted power-iteration step every
-  ``every`` steps. An axis that ``factored`` marks False keeps the
-  coordinate basis (one-sided).
+  ``every`` steps (with ``drift_tolerance``: every step, each basis whose
+  `np_basis_drift` exceeds it). An axis that ``factored`` marks False keeps
+  the coordinate basis (one-sided).
   """
 
   def __init__(self, block_size, every, b1, b2, eps, shampoo_beta,
-               initial_bases=None, factored=None):
+               initial_bases=None, factored=None, drift_tolerance=None):
     self.block_size, self.every = block_size, every
+    self.drift_tolerance = drift_tolerance
     self.factored = factored
     self.b1, self.b2, self.eps, self.beta = b1, b2, eps, shampoo_beta
     self.initial_bases = initial_bases
@@ -88,15 +92,22 @@ class NumpySoap:
       v_hat = b["V"] / (1 - self.b2**t)
       out[index] = rotate_all(m_hat / (np.sqrt(v_hat) + self.eps),
                                     b["Q"])
-      if t % self.every == 0:
-        for i, (s, q) in enumerate(zip(b["S"], b["Q"])):
-          if not factored[i]:
-            continue
+      for i, (s, q) in enumerate(zip(b["S"], b["Q"])):
+        if not factored[i]:
+          continue
+        if (t % self.every == 0 if self.drift_tolerance is None
+            else np_basis_drift(s, q) > self.drift_tolerance):
           order = np.argsort(-np.diag(q.T @ s @ q), kind="stable")
           b["V"] = np.take(b["V"], order, axis=i)
           b["Q"][i] = np.linalg.qr(s @ q[:, order])[0]
     self.t += 1
     return out
+
+
+def np_basis_drift(s, q):
+  """The off-diagonal share ``|offdiag(Q^T S Q)|_F / |S|_F``, in float64."""
+  m = q.T @ s @ q
+  return np.linalg.norm(m - np.diag(np.diag(m))) / np.linalg.norm(s)
 
 
 def rotate_all(x, matrices):
@@ -136,6 +147,67 @@ def test_square_blocks_against_numpy(shape, block_size, batched,
                                **OPTIONS)
   stale, _ = run(frozen, grads)
   assert np.abs(np.asarray(stale[-1]) - ours[-1]).max() > 1e-2
+
+
+def test_basis_drift_against_numpy():
+  rng = np.random.default_rng(3)
+  g = rng.standard_normal((3, 6, 6)).astype(np.float32)
+  s = g @ np.swapaxes(g, -1, -2)
+  q = np.linalg.eigh(s.astype(np.float64))[1]
+  turned = np.linalg.qr(q + 0.3 * rng.standard_normal(q.shape))[0]
+  for basis in (q, turned):
+    expected = [np_basis_drift(a.astype(np.float64), b)
+                for a, b in zip(s, basis)]
+    np.testing.assert_allclose(
+        shampoo_optax.basis_drift(s, basis.astype(np.float32)), expected,
+        atol=1e-5 * max(expected) + 1e-6)
+  assert max(np_basis_drift(a, b) for a, b in zip(s, q)) < 1e-12
+  assert min(np_basis_drift(a, b) for a, b in zip(s, turned)) > 0.05
+  np.testing.assert_array_equal(
+      shampoo_optax.basis_drift(np.zeros((2, 2), np.float32),
+                        np.eye(2, dtype=np.float32)), 0.0)
+
+
+@pytest.mark.parametrize("precondition_every", [1, 2])
+def test_drift_refresh_against_numpy(precondition_every):
+  """Two 8 x 8 blocks: the steady one (one gradient plus 10% noise) keeps
+  its step-0 eigenbasis (its off-diagonal share stays below 0.092), the
+  moving one (new gradients) takes a power-iteration step every step (its
+  share is above 0.12), also when the budget is one of each factor's two
+  blocks. Matches a NumPy SOAP that refreshes exactly the bases whose
+  float64 share exceeds the tolerance. (Without the noise, the steady
+  block's rotated gradient is diagonal, and Adam's first step takes the
+  signs of its float32 round-off.)"""
+  rng = np.random.default_rng(5)
+  steady = rng.standard_normal((8, 8))
+  grads = [jnp.asarray(np.concatenate([
+      steady + 0.1 * rng.standard_normal((8, 8)),
+      rng.standard_normal((8, 8))]), jnp.float32) for _ in range(6)]
+  tx = _soap.scale_by_soap(block_size=8, precondition_every=precondition_every,
+                           refresh="drift", drift_tolerance=0.1, **OPTIONS)
+  ours, state = run(tx, grads)
+  ref = NumpySoap(8, every=precondition_every, drift_tolerance=0.1,
+                  **OPTIONS)
+  for t, (g, u) in enumerate(zip(grads, ours)):
+    assert_close(u, ref.update(g), rtol=2e-4, err_msg=f"step {t}")
+  # 4 bases at step 0, then the moving block's 2 at every later step.
+  assert int(state.diagnostics.bases_refreshed) == 4 + 2 * 5
+  assert int(state.diagnostics.last_refresh_step) == 5
+  # Refreshing every basis every step instead differs.
+  every, _ = run(_soap.scale_by_soap(block_size=8, precondition_every=1,
+                                     **OPTIONS), grads)
+  assert np.abs(np.asarray(every[-1]) - ours[-1]).max() > 1e-3
+
+
+def test_drift_refresh_at_tolerance_zero_equals_refreshing_all():
+  grads = random_grads((12, 10), steps=5, seed=3)
+  options = dict(block_size=4, precondition_every=1, **OPTIONS)
+  drift, state = run(_soap.scale_by_soap(refresh="drift",
+                                         drift_tolerance=0.0, **options), grads)
+  every, every_state = run(_soap.scale_by_soap(**options), grads)
+  assert_close(drift, every, rtol=1e-5)
+  assert (int(state.diagnostics.bases_refreshed)
+          == int(every_state.diagnostics.bases_refreshed) == 5 * 2 * 9)
 
 
 def bases_by_block(state, shape, block_size):
@@ -263,6 +335,15 @@ def test_flags_must_be_booleans(kwargs):
   name = next(iter(kwargs))
   with pytest.raises(TypeError, match=f"{name} must be True or False"):
     _soap.scale_by_soap(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(refresh="every"), "refresh must be one of 'all', 'drift'"),
+    (dict(drift_tolerance=-1.0), "drift_tolerance"),
+])
+def test_refresh_options_are_checked(kwargs, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    _soap.soap(1e-3, **kwargs)
 
 
 def test_inject_hyperparams():

@@ -102,17 +102,26 @@ def test_soap_blocks_at_base_width_over_width():
 
 @pytest.mark.parametrize("make", [shampoo_optax.shampoo, shampoo_optax.soap])
 def test_weight_decay_scales_as_one_over_width(make):
-  params = {"w": jnp.ones((32, 8)), "b": jnp.ones(8)}
+  params = {"w": jnp.ones((32, 8)), "b": jnp.ones(8),
+            "head": {"w": jnp.ones((8, 8)), "b": jnp.ones(8)}}
   zero = jax.tree.map(jnp.zeros_like, params)
   lr, wd = 0.1, 0.5
-  # The [32, 8] kernel's width is sqrt(32 * 8) = 16.
-  for mask, decays in ((None, {"w": wd * 4 / 16, "b": wd}),
-                       ({"w": True, "b": False}, {"w": wd * 4 / 16, "b": 0})):
+  # The [32, 8] kernel's width is sqrt(32 * 8) = 16, the [8, 8] one's 8.
+  every = {"w": wd * 4 / 16, "b": wd, "head": {"w": wd * 4 / 8, "b": wd}}
+  for mask, decays in (
+      (None, every),
+      ({"w": True, "b": False, "head": {"w": True, "b": False}},
+       {**every, "b": 0, "head": {"w": wd * 4 / 8, "b": 0}}),
+      # A prefix of the params' structure, as optax's masks may be.
+      ({"w": True, "b": True, "head": False},
+       {**every, "head": {"w": 0, "b": 0}}),
+      (lambda p: jax.tree.map(lambda x: x.ndim == 2, p),
+       {**every, "b": 0, "head": {"w": wd * 4 / 8, "b": 0}})):
     tx = make(lr, weight_decay=wd, base_width=4, mask=mask)
     # A zero gradient: the update is the weight decay alone.
     updates, _ = tx.update(zero, tx.init(params), params)
-    for name, decay in decays.items():
-      assert_close(updates[name], -lr * decay * params[name], rtol=1e-6)
+    assert_close(updates, jax.tree.map(lambda d, p: -lr * d * p, decays,
+                                       params), rtol=1e-6)
   plain = make(lr, weight_decay=wd)
   updates, _ = plain.update(zero, plain.init(params), params)
   assert_close(updates["w"], -lr * wd * params["w"], rtol=1e-6)
